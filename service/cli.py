@@ -1,0 +1,128 @@
+"""`roomcast` commands: serve (uvicorn configured from the settings) and schema."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import fields
+
+from .settings import Settings, SettingsError
+
+log = logging.getLogger("roomcast")
+
+# Heroku sends SIGKILL 30 s after SIGTERM; open sockets are closed with 1012
+# at once, this bounds the wait for the rest.
+GRACEFUL_SHUTDOWN_SECONDS = 10
+
+
+def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve = sub.add_parser("serve", help="run the service under uvicorn")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 on Heroku)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes (default: $WEB_CONCURRENCY; always 1 with memory://)",
+    )
+    serve.add_argument("--log-level", default="info")
+    for field in fields(Settings):
+        option = "--" + field.name.replace("_", "-")
+        var = field.name.upper()
+        kind = int if field.type == "int" else str
+        serve.add_argument(option, type=kind, default=None, help=f"sets {var}")
+
+
+def _settings_from(args: argparse.Namespace) -> Settings:
+    """Options map 1:1 to the environment variables; the app reads those."""
+    for field in fields(Settings):
+        value = getattr(args, field.name, None)
+        if value is not None:
+            os.environ[field.name.upper()] = str(value)
+    return Settings.from_environ()
+
+
+def _workers(args: argparse.Namespace, settings: Settings) -> int:
+    asked_env = os.environ.get("WEB_CONCURRENCY")
+    if args.workers is not None:
+        workers = args.workers
+    else:
+        try:
+            workers = int(asked_env) if asked_env else 1
+        except ValueError:
+            raise SettingsError(
+                f"WEB_CONCURRENCY={asked_env!r} is invalid: expected an integer."
+            ) from None
+    if workers < 1:
+        raise SettingsError(f"--workers {workers} is invalid: at least 1.")
+    if workers > 1 and not settings.shares_rooms_across_processes:
+        if args.workers is not None:
+            raise SettingsError(
+                f"--workers {workers} with BROADCAST_URL=memory:// would split every room "
+                "between processes: use one worker, or a shared backend (redis://…)."
+            )
+        log.warning(
+            "WEB_CONCURRENCY=%s asks for %d workers, but BROADCAST_URL=memory:// keeps "
+            "rooms inside one process: running 1 worker. Set BROADCAST_URL=redis://… "
+            "to run several.",
+            asked_env,
+            workers,
+        )
+        workers = 1
+    return workers
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    settings = _settings_from(args)
+    workers = _workers(args, settings)
+    uvicorn.run(
+        "service.app:create_app",
+        factory=True,
+        host=args.host,
+        port=settings.port,
+        workers=workers,
+        log_level=args.log_level,
+        ws_max_size=settings.max_message_bytes,
+        ws_ping_interval=settings.heartbeat_seconds,
+        ws_ping_timeout=settings.heartbeat_seconds,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        proxy_headers=True,
+        forwarded_allow_ips="*",
+        server_header=False,
+    )
+    return 0
+
+
+def print_schema(args: argparse.Namespace) -> int:
+    from .envelopes import schema
+
+    json.dump(schema(), sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="roomcast", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    sub.add_parser("schema", help="print the JSON Schema of every envelope").set_defaults(
+        run=print_schema
+    )
+    sub.choices["serve"].set_defaults(run=serve)
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.run(args)
+    except SettingsError as exc:
+        print(f"roomcast: {exc}", file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

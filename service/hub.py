@@ -1,0 +1,426 @@
+"""The hub: rooms, subscriptions, stored publishing and local fan-out.
+
+One broker subscription per room per process, taken when the first local
+member joins and dropped when the last one leaves. A stored envelope is
+encoded once (by the history store, once its offset is known), published
+once, and the same text is pushed into the bounded outbox of every local
+member; nothing in the fan-out awaits a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgspec
+
+from .connection import Connection
+from .envelopes import (
+    Chat,
+    Close,
+    Envelope,
+    ErrorCode,
+    Joined,
+    Left,
+    Level,
+    Notification,
+    Presence,
+    Since,
+    System,
+    User,
+    encode,
+    now,
+    offset_decoder,
+)
+from .history import Appended, HistoryStore, Page, recovered
+from .presence import PresenceStore
+from .settings import Settings
+from .transport import CONTROL_CHANNEL, ROOM_PREFIX, Transport, room_channel
+
+log = logging.getLogger("roomcast.hub")
+
+# Stored frames a room keeps after fanning them out, so a join whose history
+# read raced with new messages picks up what arrived meanwhile.
+RECENT_FRAMES: Final = 128
+_SYSTEM_PREFIX: Final = '{"type":"system"'
+
+
+class HubError(Exception):
+    """A request the hub refuses; becomes an `error` envelope."""
+
+    def __init__(self, code: ErrorCode, detail: str) -> None:
+        super().__init__(detail)
+        self.code: ErrorCode = code
+        self.detail = detail
+
+
+class _SystemView(msgspec.Struct):
+    user: User
+
+
+class _UserDelivery(msgspec.Struct):
+    """What travels on the control channel: one frame for one user's connections."""
+
+    user: str
+    frame: str | None = None
+    close: int | None = None
+
+
+_system_decoder = msgspec.json.Decoder(_SystemView)
+_control_decoder = msgspec.json.Decoder(_UserDelivery)
+_control_encoder = msgspec.json.Encoder()
+
+
+class Room:
+    __slots__ = ("channel", "joining", "live", "name", "newest", "pending", "ready", "recent")
+
+    def __init__(self, name: str, ready: asyncio.Task[None]) -> None:
+        self.name = name
+        self.channel = room_channel(name)
+        self.ready = ready
+        self.pending = 0  # joins in progress
+        self.live: set[Connection] = set()
+        # Members whose history read ended at an offset the fan-out has not
+        # reached yet: they get stored frames only above that offset.
+        self.joining: dict[Connection, int] = {}
+        self.newest = 0
+        self.recent: deque[tuple[int, str]] = deque(maxlen=RECENT_FRAMES)
+
+    @property
+    def empty(self) -> bool:
+        return not self.live and not self.joining and not self.pending
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    connections: int
+    rooms: int
+    subscriptions: int
+    tasks: int
+    users: int
+
+
+class Hub:
+    def __init__(
+        self,
+        settings: Settings,
+        store: HistoryStore,
+        presence: PresenceStore,
+        transport_url: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.presence = presence
+        self.transport = Transport(transport_url or settings.broadcast_url, self._on_message)
+        self.rooms: dict[str, Room] = {}
+        self.connections: set[Connection] = set()
+        self.users: dict[str, set[Connection]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # --- lifecycle -------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.store.connect()
+        await self.transport.connect()
+        await self.transport.subscribe(CONTROL_CHANNEL)
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(c.drop(Close.SERVICE_RESTART) for c in list(self.connections)))
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.transport.disconnect()
+        await self.store.disconnect()
+
+    @property
+    def ready(self) -> bool:
+        return self.transport.ready
+
+    def stats(self) -> Stats:
+        return Stats(
+            connections=len(self.connections),
+            rooms=len(self.rooms),
+            subscriptions=len(self.transport.subscribed) - 1,  # less the control channel
+            tasks=len(self._tasks) + sum(c.sending for c in self.connections),
+            users=len(self.users),
+        )
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- connections -----------------------------------------------------
+
+    def attach(self, conn: Connection) -> None:
+        self.connections.add(conn)
+        self.users.setdefault(conn.user.id, set()).add(conn)
+
+    def on_overflow(self, conn: Connection) -> None:
+        log.info("slow consumer %s closed with 4408", conn.id)
+        self.spawn(conn.drop(Close.SLOW_CONSUMER))
+
+    async def detach(self, conn: Connection) -> None:
+        """Every disconnect path ends here: leave every room, release everything."""
+        await conn.stop()
+        for name in list(conn.rooms):
+            await self._leave(conn, name)
+        self.connections.discard(conn)
+        mine = self.users.get(conn.user.id)
+        if mine is not None:
+            mine.discard(conn)
+            if not mine:
+                del self.users[conn.user.id]
+
+    # --- rooms -----------------------------------------------------------
+
+    async def _acquire(self, name: str) -> Room:
+        room = self.rooms.get(name)
+        if room is None:
+            room = self.rooms[name] = Room(name, self.transport.subscribe(room_channel(name)))
+        room.pending += 1
+        try:
+            # Shielded: a joiner that goes away must not cancel the subscription for others.
+            await asyncio.shield(room.ready)
+        except BaseException:
+            room.pending -= 1
+            if room.ready.done() and self.rooms.get(name) is room:
+                del self.rooms[name]
+            raise
+        return room
+
+    def _release(self, room: Room) -> None:
+        if room.empty and self.rooms.get(room.name) is room:
+            del self.rooms[room.name]
+            self.transport.unsubscribe(room.channel)
+
+    async def join(
+        self,
+        conn: Connection,
+        name: str,
+        *,
+        since: Since | None = None,
+        history: int | None = None,
+        ref: str | None = None,
+    ) -> None:
+        settings = self.settings
+        if name in conn.rooms:
+            page = await self.store.last(name, 0)
+            online, users = await self.presence.snapshot(name, settings.presence_list_max)
+            conn.push(encode(Joined(name, page.epoch, page.top, False, online, users, ref)))
+            return
+        if len(conn.rooms) >= settings.max_rooms:
+            raise HubError(
+                "too_many_rooms",
+                f"This connection is already in {settings.max_rooms} rooms (MAX_ROOMS): "
+                "leave one first.",
+            )
+        try:
+            room = await self._acquire(name)
+        except Exception as exc:
+            log.warning("subscribing to room %s failed: %r", name, exc)
+            raise HubError("internal", "The broadcast backend is unavailable: retry later.") from exc
+        try:
+            first = await self.presence.add(name, conn.user)
+            online, users = await self.presence.snapshot(name, settings.presence_list_max)
+            page, ok = await self._read_for_join(room, since, history)
+            if conn.closing:
+                await self._forget_presence(name, conn.user)
+                return
+            # From here to the end of the block nothing awaits: the joined frame
+            # and the catch-up land in the outbox before any later fan-out.
+            cursor = page.top
+            conn.push_replay(page.entries)
+            conn.push(encode(Joined(name, page.epoch, page.top, ok, online, users, ref)))
+            for offset, frame in room.recent:
+                if offset > cursor:
+                    conn.push(frame)
+                    cursor = offset
+            # _read_for_join guarantees cursor >= room.newest.
+            if cursor > room.newest:
+                room.joining[conn] = cursor
+            else:
+                room.live.add(conn)
+            conn.rooms.add(name)
+        finally:
+            room.pending -= 1
+            self._release(room)
+        if first and online <= settings.presence_events_max:
+            await self._publish_system(name, "join", conn.user, online)
+
+    async def _read_for_join(
+        self, room: Room, since: Since | None, history: int | None
+    ) -> tuple[Page, bool]:
+        """The replay for a join, and whether it recovers the client's position.
+
+        Loops until the read reaches what this process has already fanned out
+        (or the recent frames cover the difference), so the seam between the
+        replay and live delivery has no hole.
+        """
+        store = self.store
+        while True:
+            if since is not None:
+                page = await store.since(room.name, since.offset)
+                ok = recovered(since.epoch, since.offset, page)
+                if not ok:
+                    page = Page(page.epoch, page.top, [], page.complete)
+            else:
+                page = await store.last(room.name, min(history or 0, self.settings.history_size))
+                ok = False
+            oldest_recent = room.recent[0][0] if room.recent else room.newest + 1
+            if room.newest <= page.top or oldest_recent <= page.top + 1:
+                return page, ok
+
+    async def leave(self, conn: Connection, name: str, ref: str | None = None) -> None:
+        if name in conn.rooms:
+            await self._leave(conn, name)
+        conn.push(encode(Left(name, ref)))
+
+    async def _leave(self, conn: Connection, name: str) -> None:
+        conn.rooms.discard(name)
+        room = self.rooms.get(name)
+        if room is not None:
+            room.live.discard(conn)
+            room.joining.pop(conn, None)
+            self._release(room)
+        await self._forget_presence(name, conn.user)
+
+    async def _forget_presence(self, name: str, user: User) -> None:
+        if await self.presence.remove(name, user):
+            online, _ = await self.presence.snapshot(name, 0)
+            if online < self.settings.presence_events_max:
+                await self._publish_system(name, "leave", user, online)
+
+    async def _publish_system(self, room: str, event: str, user: User, online: int) -> None:
+        frame = encode(System(room, event, user, online, now()))  # type: ignore[arg-type]
+        try:
+            await self.transport.publish(room_channel(room), frame)
+        except Exception as exc:  # ephemeral: a lost presence event is not a lost message
+            log.warning("system %s event for %s not published: %r", event, room, exc)
+
+    async def snapshot(self, name: str, ref: str | None = None) -> Presence:
+        online, users = await self.presence.snapshot(name, self.settings.presence_list_max)
+        return Presence(name, online, users, ref)
+
+    # --- publishing ------------------------------------------------------
+
+    async def _store_and_publish(
+        self, room: str, build: Callable[[str, int], Envelope], dedupe: str | None
+    ) -> Appended:
+        appended = await self.store.append(
+            room, lambda epoch, offset: encode(build(epoch, offset)), dedupe
+        )
+        if not appended.duplicate:
+            await self.transport.publish(room_channel(room), appended.data)
+        return appended
+
+    async def chat(self, user: User, room: str, text: str, ref: str | None = None) -> Appended:
+        """Store and deliver a chat; a repeated `ref` of the same user returns the first."""
+        return await self._store_and_publish(
+            room,
+            lambda epoch, offset: Chat(room, epoch, offset, user, text, now()),
+            None if ref is None else f"{user.id}\x00{ref}",
+        )
+
+    async def publish(
+        self,
+        room: str,
+        *,
+        title: str,
+        body: str,
+        level: Level = "info",
+        data: Any = None,
+        ref: str | None = None,
+    ) -> Appended:
+        """Store a notification in `room` and deliver it to every member, on every worker."""
+        return await self._store_and_publish(
+            room,
+            lambda epoch, offset: Notification(
+                room=room,
+                epoch=epoch,
+                offset=offset,
+                title=title,
+                body=body,
+                level=level,
+                data=data,
+                ts=now(),
+            ),
+            None if ref is None else f"\x00api\x00{ref}",
+        )
+
+    async def broadcast(self, room: str, envelope: Envelope) -> None:
+        """Deliver an ephemeral envelope (not stored, no offset) to the room's members."""
+        await self.transport.publish(room_channel(room), encode(envelope))
+
+    async def notify_user(
+        self,
+        user_id: str,
+        *,
+        title: str,
+        body: str,
+        level: Level = "info",
+        data: Any = None,
+    ) -> None:
+        """Send a notification to every connection of one user, on every worker."""
+        frame = encode(
+            Notification(
+                room=None,
+                epoch=None,
+                offset=None,
+                title=title,
+                body=body,
+                level=level,
+                data=data,
+                ts=now(),
+            )
+        )
+        await self._control(_UserDelivery(user_id, frame=frame))
+
+    async def disconnect_user(self, user_id: str, code: int = Close.UNAUTHORIZED) -> None:
+        """Close every connection of one user, on every worker."""
+        await self._control(_UserDelivery(user_id, close=code))
+
+    async def _control(self, delivery: _UserDelivery) -> None:
+        await self.transport.publish(CONTROL_CHANNEL, _control_encoder.encode(delivery).decode())
+
+    # --- fan-out (synchronous: called by the transport's listener) -------
+
+    def _on_message(self, channel: str, text: str) -> None:
+        if channel.startswith(ROOM_PREFIX):
+            room = self.rooms.get(channel[len(ROOM_PREFIX) :])
+            if room is not None:
+                self._fan_out(room, text)
+        elif channel == CONTROL_CHANNEL:
+            self._deliver_to_user(_control_decoder.decode(text))
+
+    def _fan_out(self, room: Room, text: str) -> None:
+        offset = offset_decoder.decode(text).offset
+        if offset is None:
+            skip = _system_decoder.decode(text).user.id if text.startswith(_SYSTEM_PREFIX) else None
+            for conn in (*room.live, *room.joining):
+                if conn.user.id != skip:
+                    conn.push(text)
+            return
+        if offset <= room.newest:
+            return  # already delivered (a duplicate from the broker)
+        room.newest = offset
+        room.recent.append((offset, text))
+        joining = room.joining
+        if joining:
+            for conn, cursor in list(joining.items()):
+                if offset > cursor:
+                    del joining[conn]
+                    room.live.add(conn)
+        for conn in room.live:
+            conn.push(text)
+
+    def _deliver_to_user(self, delivery: _UserDelivery) -> None:
+        for conn in list(self.users.get(delivery.user, ())):
+            if delivery.frame is not None:
+                conn.push(delivery.frame)
+            if delivery.close is not None:
+                conn.close_after_queued(delivery.close)

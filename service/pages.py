@@ -1,0 +1,72 @@
+"""HTTP routes that are not the API: the chat page, health, readiness, schema."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+from starlette.templating import Jinja2Templates
+
+from .envelopes import PROTOCOL_VERSION, SUBPROTOCOL
+from .hub import Hub
+from .settings import Settings
+
+
+def templates_dir() -> Path:
+    """templates/ of a source checkout, else the copy shipped inside the wheel."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "templates", here / "templates"):
+        if (candidate / "index.html").is_file():
+            return candidate
+    raise RuntimeError(f"roomcast's templates are missing (looked beside {here})")
+
+
+def page_routes(hub: Hub, settings: Settings, schema_document: dict[str, object]) -> list[BaseRoute]:
+    templates = Jinja2Templates(directory=templates_dir())
+
+    async def index(request: Request) -> Response:
+        return templates.TemplateResponse(
+            request,
+            "index.html",
+            {
+                "heartbeat": settings.heartbeat_seconds,
+                "max_text_chars": settings.max_text_chars,
+                "max_name_chars": settings.max_name_chars,
+                "subprotocol": SUBPROTOCOL,
+                "protocol": PROTOCOL_VERSION,
+            },
+            headers={"Cache-Control": "no-store"},
+        )
+
+    async def healthz(request: Request) -> Response:
+        stats = hub.stats()
+        return JSONResponse(
+            {
+                "status": "ok",
+                "connections": stats.connections,
+                "rooms": stats.rooms,
+                "subscriptions": stats.subscriptions,
+                "tasks": stats.tasks,
+                "users": stats.users,
+            }
+        )
+
+    async def readyz(request: Request) -> Response:
+        ready = hub.ready
+        return JSONResponse(
+            {"status": "ready" if ready else "unavailable", "broadcast": ready},
+            status_code=200 if ready else 503,
+        )
+
+    async def schema_json(request: Request) -> Response:
+        return JSONResponse(schema_document)
+
+    return [
+        Route("/", index, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/schema.json", schema_json, methods=["GET"]),
+    ]
+

@@ -1,0 +1,58 @@
+"""Who is in which room: distinct users by id, counted per connection.
+
+`LocalPresence` covers one process. The contract is async so that a shared
+store (Redis, with per-worker leases that expire after `PRESENCE_TTL`) can
+take its place for several workers.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from .envelopes import User
+
+
+class PresenceStore(Protocol):
+    async def add(self, room: str, user: User) -> bool:
+        """Count one more connection of `user` in `room`; True when it is the first."""
+        ...
+
+    async def remove(self, room: str, user: User) -> bool:
+        """Count one connection less; True when it was the last."""
+        ...
+
+    async def snapshot(self, room: str, limit: int) -> tuple[int, list[User]]:
+        """The number of distinct users and at most `limit` of them."""
+        ...
+
+
+class LocalPresence:
+    def __init__(self) -> None:
+        self._rooms: dict[str, dict[str, tuple[User, int]]] = {}
+
+    async def add(self, room: str, user: User) -> bool:
+        users = self._rooms.setdefault(room, {})
+        seen = users.get(user.id)
+        users[user.id] = (user, 1 if seen is None else seen[1] + 1)
+        return seen is None
+
+    async def remove(self, room: str, user: User) -> bool:
+        users = self._rooms.get(room)
+        seen = users.get(user.id) if users else None
+        if users is None or seen is None:
+            return False
+        if seen[1] > 1:
+            users[user.id] = (seen[0], seen[1] - 1)
+            return False
+        del users[user.id]
+        if not users:
+            del self._rooms[room]
+        return True
+
+    async def snapshot(self, room: str, limit: int) -> tuple[int, list[User]]:
+        users = self._rooms.get(room, {})
+        listed = [user for user, _ in users.values()][:limit] if limit else []
+        return len(users), listed
+
+    def __len__(self) -> int:
+        return len(self._rooms)

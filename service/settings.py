@@ -1,0 +1,134 @@
+"""Settings: the one place that reads the environment.
+
+Every variable of PROTOCOL.md's configuration table is a field here; a bad
+value raises `SettingsError` naming the variable and why, before anything
+starts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from starlette.config import Config, EnvironError
+from starlette.datastructures import CommaSeparatedStrings, Secret
+
+BROADCAST_SCHEMES = ("memory", "redis", "rediss", "postgres", "postgresql", "kafka")
+HISTORY_SCHEMES = ("memory", "sqlite", "redis", "rediss", "postgres", "postgresql")
+
+
+class SettingsError(ValueError):
+    """A setting has a value roomcast cannot run with."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    port: int = 8000
+    broadcast_url: str = "memory://"
+    history_url: str = ""  # resolved in __post_init__
+    history_size: int = 1000
+    history_ttl: int = 86400
+    jwt_secret: Secret | None = None
+    api_key: Secret | None = None
+    allowed_origins: tuple[str, ...] = ()
+    max_message_bytes: int = 65536
+    max_text_chars: int = 4000
+    max_name_chars: int = 32
+    outbox_size: int = 256
+    rate_limit: int = 20
+    max_connections: int = 10000
+    max_rooms: int = 64
+    heartbeat_seconds: int = 25
+    presence_events_max: int = 100
+    presence_list_max: int = 100
+    presence_ttl: int = 30
+
+    def __post_init__(self) -> None:
+        for name, low in _MINIMUMS.items():
+            value = getattr(self, name)
+            if value < low:
+                raise SettingsError(f"{name.upper()}={value} is invalid: it must be at least {low}.")
+        _check_url("BROADCAST_URL", self.broadcast_url, BROADCAST_SCHEMES)
+        if not self.history_url:
+            scheme = urlparse(self.broadcast_url).scheme
+            shared = scheme in ("redis", "rediss", "postgres", "postgresql")
+            object.__setattr__(self, "history_url", self.broadcast_url if shared else "memory://")
+        _check_url("HISTORY_URL", self.history_url, HISTORY_SCHEMES)
+        if self.outbox_size >= self.history_size:
+            raise SettingsError(
+                f"OUTBOX_SIZE={self.outbox_size} is invalid: it must be below "
+                f"HISTORY_SIZE={self.history_size}, so that a slow consumer closed with 4408 "
+                "can recover what it missed."
+            )
+
+    @property
+    def shares_rooms_across_processes(self) -> bool:
+        return urlparse(self.broadcast_url).scheme != "memory"
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @classmethod
+    def from_environ(
+        cls, environ: Mapping[str, str] | None = None, env_file: str | Path | None = ".env"
+    ) -> Settings:
+        """Read every setting from `environ` (default: os.environ) and an optional .env."""
+        env_path = env_file if env_file is not None and Path(env_file).is_file() else None
+        config = Config(env_path, environ=dict(os.environ if environ is None else environ))
+        values: dict[str, Any] = {}
+        for field in fields(cls):
+            var = field.name.upper()
+            try:
+                if field.name in ("jwt_secret", "api_key"):
+                    raw = config(var, default=None)
+                    values[field.name] = Secret(raw) if raw else None
+                elif field.name == "allowed_origins":
+                    raw = config(var, default="")
+                    values[field.name] = tuple(o for o in CommaSeparatedStrings(raw) if o)
+                elif field.type == "int":
+                    values[field.name] = config(var, cast=int, default=field.default)
+                else:
+                    values[field.name] = config(var, cast=str, default=field.default)
+            except (ValueError, EnvironError) as exc:
+                raw = config(var, default="")
+                raise SettingsError(
+                    f"{var}={raw!r} is invalid: expected {_describe(field.type)} ({exc})."
+                ) from None
+        return cls(**values)
+
+
+_MINIMUMS = {
+    "port": 0,
+    "history_size": 1,
+    "history_ttl": 1,
+    "max_message_bytes": 256,
+    "max_text_chars": 1,
+    "max_name_chars": 1,
+    "outbox_size": 1,
+    "rate_limit": 1,
+    "max_connections": 1,
+    "max_rooms": 1,
+    "heartbeat_seconds": 1,
+    "presence_events_max": 0,
+    "presence_list_max": 0,
+    "presence_ttl": 1,
+}
+
+
+def _describe(annotation: object) -> str:
+    return "an integer" if annotation == "int" else "a string"
+
+
+def _check_url(var: str, url: str, schemes: tuple[str, ...]) -> None:
+    scheme = urlparse(url).scheme
+    if scheme not in schemes:
+        raise SettingsError(
+            f"{var}={url!r} is invalid: the scheme must be one of "
+            f"{', '.join(s + '://' for s in schemes)}."
+        )
+    if scheme == "sqlite" and not urlparse(url).path.strip("/"):
+        raise SettingsError(f"{var}={url!r} is invalid: give a file, e.g. sqlite:///roomcast.db.")

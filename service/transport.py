@@ -1,0 +1,124 @@
+"""The broadcast transport: encode/broadcaster's backends, with a listener we own.
+
+broadcaster's `Broadcast` puts every event into unbounded per-subscriber
+queues from a listener that dies silently, and its `subscribe()` races with
+its `unsubscribe()` on the same channel. We keep its backends (memory, Redis,
+Postgres, Kafka: the part that talks to brokers) and own the rest: one
+listener that hands each event synchronously to the hub (which puts it into
+bounded outboxes), and subscribe/unsubscribe operations serialized per
+channel so that a re-join never overtakes the unsubscribe of a previous
+member.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+from urllib.parse import urlparse
+
+if TYPE_CHECKING:
+    from broadcaster._backends.base import BroadcastBackend
+
+log = logging.getLogger("roomcast.transport")
+
+OnMessage = Callable[[str, str], None]
+
+ROOM_PREFIX = "r."
+CONTROL_CHANNEL = "c.users"
+
+
+def room_channel(room: str) -> str:
+    # Room names never contain the prefix separator's meaning: "r." is ours,
+    # control channels start with "c.", so the mapping stays injective.
+    return ROOM_PREFIX + room
+
+
+def make_backend(url: str) -> BroadcastBackend:
+    scheme = urlparse(url).scheme
+    if scheme == "memory":
+        from broadcaster._backends.memory import MemoryBackend
+
+        return MemoryBackend(url)
+    raise ValueError(f"BROADCAST_URL={url!r}: only memory:// is available in this version")
+
+
+class Transport:
+    def __init__(self, url: str, on_message: OnMessage) -> None:
+        self.url = url
+        self.backend = make_backend(url)
+        self.on_message = on_message
+        self._listener: asyncio.Task[None] | None = None
+        self._ops: dict[str, asyncio.Task[None]] = {}
+        self.subscribed: set[str] = set()
+
+    @property
+    def ready(self) -> bool:
+        return self._listener is not None and not self._listener.done()
+
+    async def connect(self) -> None:
+        await self.backend.connect()
+        self._listener = asyncio.create_task(self._listen(), name="roomcast-listener")
+
+    async def disconnect(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+            self._listener = None
+        await asyncio.gather(*self._ops.values(), return_exceptions=True)
+        await self.backend.disconnect()
+
+    async def _listen(self) -> None:
+        backend, deliver = self.backend, self.on_message
+        while True:
+            event = await backend.next_published()
+            try:
+                deliver(event.channel, event.message)
+            except Exception:
+                log.exception("fan-out failed on channel %s", event.channel)
+
+    async def publish(self, channel: str, message: str) -> None:
+        await self.backend.publish(channel, message)
+
+    def subscribe(self, channel: str) -> asyncio.Task[None]:
+        return self._serialized(channel, self._subscribe, channel)
+
+    def unsubscribe(self, channel: str) -> asyncio.Task[None]:
+        return self._serialized(channel, self._unsubscribe, channel)
+
+    async def _subscribe(self, channel: str) -> None:
+        if channel not in self.subscribed:
+            await self.backend.subscribe(channel)
+            self.subscribed.add(channel)
+
+    async def _unsubscribe(self, channel: str) -> None:
+        if channel in self.subscribed:
+            self.subscribed.discard(channel)
+            await self.backend.unsubscribe(channel)
+
+    def _serialized(
+        self, channel: str, op: Callable[[str], Awaitable[None]], arg: str
+    ) -> asyncio.Task[None]:
+        previous = self._ops.get(channel)
+
+        async def run() -> None:
+            if previous is not None:
+                await asyncio.wait([previous])
+            await op(arg)
+
+        task = asyncio.create_task(run())
+        self._ops[channel] = task
+
+        def forget(done: asyncio.Task[None]) -> None:
+            if self._ops.get(channel) is done:
+                del self._ops[channel]
+            if not done.cancelled() and (exc := done.exception()) is not None:
+                log.warning("%s of %s failed: %r", op.__name__.strip("_"), channel, exc)
+
+        task.add_done_callback(forget)
+        return task
+
+    @property
+    def pending(self) -> int:
+        return len(self._ops)

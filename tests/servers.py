@@ -1,0 +1,86 @@
+"""Real servers for end-to-end tests: `roomcast serve` in a subprocess on a loopback port."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+STARTUP_TIMEOUT = 20.0
+_RUNNING = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def get_json(self, path: str) -> object:
+        import json
+
+        with urllib.request.urlopen(self.http + path, timeout=5) as response:
+            return json.loads(response.read())
+
+    def terminate(self, timeout: float = 15.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+            raise
+
+
+def start_server(
+    env: dict[str, str] | None = None,
+    args: list[str] | None = None,
+    python: str = sys.executable,
+    cwd: str | None = None,
+) -> Server:
+    """Start `roomcast serve --port 0` and wait until it accepts requests."""
+    log_file = tempfile.NamedTemporaryFile(prefix="roomcast-", suffix=".log", delete=False)
+    full_env = {
+        k: v for k, v in os.environ.items() if k not in ("WEB_CONCURRENCY", "PORT")
+    }
+    full_env.update(env or {})
+    process = subprocess.Popen(
+        [python, "-m", "service", "serve", "--host", "127.0.0.1", "--port", "0", *(args or [])],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        env=full_env,
+        cwd=cwd,
+    )
+    log_path = Path(log_file.name)
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while time.monotonic() < deadline:
+        match = _RUNNING.search(log_path.read_text(errors="replace"))
+        if match:
+            server = Server(process, int(match.group(1)), log_path, env or {})
+            server.get_json("/healthz")
+            return server
+        if process.poll() is not None:
+            raise RuntimeError(f"roomcast serve exited {process.returncode}:\n{log_path.read_text()}")
+        time.sleep(0.05)
+    process.kill()
+    raise RuntimeError(f"roomcast serve did not start in {STARTUP_TIMEOUT}s:\n{log_path.read_text()}")
