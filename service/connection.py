@@ -10,7 +10,6 @@ itself.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -23,10 +22,9 @@ from .limits import BadFrames, RateLimiter
 
 log = logging.getLogger("roomcast.connection")
 
-# How long a close may wait on a client that does not read before the
+# How long the close of a client that does not read may take before the
 # connection is dropped at the TCP level.
-CLOSE_SEND_TIMEOUT = 1.0
-CLOSE_HANDSHAKE_TIMEOUT = 3.0
+DROP_TIMEOUT = 10.0
 
 
 class Replay:
@@ -171,16 +169,16 @@ class Connection:
         if self._sender is not None:
             self._sender.cancel()
         self._finished = finished = asyncio.Event()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(
-                self._send({"type": "websocket.close", "code": code}), CLOSE_SEND_TIMEOUT
-            )
         try:
-            await asyncio.wait_for(finished.wait(), CLOSE_HANDSHAKE_TIMEOUT)
+            async with asyncio.timeout(DROP_TIMEOUT):
+                await self._send({"type": "websocket.close", "code": code})
+                await finished.wait()
         except TimeoutError:
             if self._abort is not None:
                 log.info("dropping %s: it did not complete the close", self.id)
                 self._abort()
+        except Exception as exc:  # the client is already gone
+            log.debug("close of %s failed: %r", self.id, exc)
 
     async def stop(self) -> None:
         """The socket is gone: stop the sender and release anything waiting on it."""
