@@ -180,15 +180,13 @@ class Connection:
         except Exception as exc:  # the client is already gone
             log.debug("close of %s failed: %r", self.id, exc)
 
-    async def stop(self) -> None:
+    def stop(self) -> None:
         """The socket is gone: stop the sender and release anything waiting on it."""
         self.closing = True
         if self._finished is not None:
             self._finished.set()
-        sender = self._sender
-        if sender is not None and not sender.done():
-            sender.cancel()
-            await asyncio.gather(sender, return_exceptions=True)
+        if self._sender is not None:
+            self._sender.cancel()
         self._queue.clear()
         self._counted = 0
 

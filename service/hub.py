@@ -165,16 +165,23 @@ class Hub:
         self.spawn(conn.drop(Close.SLOW_CONSUMER))
 
     async def detach(self, conn: Connection) -> None:
-        """Every disconnect path ends here: leave every room, release everything."""
-        await conn.stop()
-        for name in list(conn.rooms):
-            await self._leave(conn, name)
+        """Every disconnect path ends here: leave every room, release everything.
+
+        The local bookkeeping is released before the first await, so even a
+        cancelled clean-up leaves no membership behind.
+        """
+        conn.stop()
         self.connections.discard(conn)
         mine = self.users.get(conn.user.id)
         if mine is not None:
             mine.discard(conn)
             if not mine:
                 del self.users[conn.user.id]
+        names = list(conn.rooms)
+        for name in names:
+            self._unregister(conn, name)
+        for name in names:
+            await self._forget_presence(name, conn.user)
 
     # --- rooms -----------------------------------------------------------
 
@@ -277,17 +284,17 @@ class Hub:
 
     async def leave(self, conn: Connection, name: str, ref: str | None = None) -> None:
         if name in conn.rooms:
-            await self._leave(conn, name)
+            self._unregister(conn, name)
+            await self._forget_presence(name, conn.user)
         conn.push(encode(Left(name, ref)))
 
-    async def _leave(self, conn: Connection, name: str) -> None:
+    def _unregister(self, conn: Connection, name: str) -> None:
         conn.rooms.discard(name)
         room = self.rooms.get(name)
         if room is not None:
             room.live.discard(conn)
             room.joining.pop(conn, None)
             self._release(room)
-        await self._forget_presence(name, conn.user)
 
     async def _forget_presence(self, name: str, user: User) -> None:
         if await self.presence.remove(name, user):
