@@ -1,0 +1,98 @@
+"""roomcast as a framework: mounted in a user's Starlette app, with a custom envelope."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgspec
+import pytest
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Mount, Route
+from starlette.testclient import TestClient
+
+import service.envelopes
+from service import ClientEnvelope, HubError, Roomcast, RoomSocket, ServerEnvelope, Settings
+
+
+class Typing(ClientEnvelope, tag="typing", kw_only=True):
+    room: str
+
+
+class TypingNotice(ServerEnvelope, tag="typing_notice", kw_only=True):
+    room: str
+    user: str
+
+
+def build_app() -> tuple[Starlette, Roomcast]:
+    rc = Roomcast(Settings())
+    rc.server_envelope(TypingNotice)
+
+    @rc.handler(Typing)
+    async def typing(socket: RoomSocket, message: Typing) -> None:
+        assert socket.conn is not None
+        if message.room not in socket.conn.rooms:
+            raise HubError("not_joined", f"Join room {message.room!r} first.")
+        await socket.hub.broadcast(message.room, TypingNotice(room=message.room, user=socket.conn.user.name))
+
+    async def home(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("my app")
+
+    app = Starlette(routes=[Route("/", home), Mount("/rt", app=rc)], lifespan=rc.lifespan)
+    return app, rc
+
+
+def frames_until(ws: Any, kind: str) -> dict[str, Any]:
+    for _ in range(50):
+        frame = json.loads(ws.receive_text())
+        if frame["type"] == kind:
+            return frame  # type: ignore[no-any-return]
+    raise AssertionError(f"no {kind} frame")
+
+
+def test_custom_envelope_in_a_mounted_app(monkeypatch: pytest.MonkeyPatch) -> None:
+    built: list[object] = []
+    original = service.envelopes.Codec.__init__
+
+    def counting(self: service.envelopes.Codec, *args: Any, **kwargs: Any) -> None:
+        built.append(self)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(service.envelopes.Codec, "__init__", counting)
+    app, rc = build_app()
+    with TestClient(app) as client:
+        assert client.get("/").text == "my app"
+        assert client.get("/rt/healthz").json()["status"] == "ok"
+        with client.websocket_connect("/rt/ws/lobby?username=ann") as ann, client.websocket_connect(
+            "/rt/ws/lobby?username=bob"
+        ) as bob:
+            frames_until(ann, "joined")
+            frames_until(bob, "joined")
+            for _ in range(3):
+                bob.send_text(json.dumps({"type": "typing", "room": "lobby"}))
+                notice = frames_until(ann, "typing_notice")
+                assert notice == {"type": "typing_notice", "room": "lobby", "user": "bob"}
+            # The custom type is validated like the protocol's own.
+            bob.send_text(json.dumps({"type": "typing", "ref": "t1"}))
+            error = frames_until(bob, "error")
+            assert error["code"] == "invalid_message" and "room" in error["detail"]
+            assert error["ref"] == "t1"
+            bob.send_text(json.dumps({"type": "typing", "room": "elsewhere", "ref": "t2"}))
+            error = frames_until(bob, "error")
+            assert (error["code"], error["ref"]) == ("not_joined", "t2")
+        schema = client.get("/rt/schema.json").json()
+    # The decoder was built once for the app, not per frame.
+    assert len(built) == 1
+    assert "Typing" in schema["$defs"] and "TypingNotice" in schema["$defs"]
+    client_tags = json.dumps(schema["$defs"]["ClientMessage"])
+    assert "Typing" in client_tags
+    assert msgspec.json.decode(b'{"type":"typing","room":"a"}', type=Typing).room == "a"
+
+
+def test_registering_after_serving_is_a_wiring_error() -> None:
+    app, rc = build_app()
+    with TestClient(app):
+        rc.app  # noqa: B018 - built by the first request at the latest
+        with pytest.raises(AssertionError):
+            rc.handler(Typing)
