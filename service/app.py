@@ -1,8 +1,8 @@
 """Wiring: the Roomcast ASGI app, its routes and its lifespan.
 
-    from service import Roomcast
-    rc = Roomcast()                       # settings from the environment
-    app = Starlette(routes=[Mount("/rt", app=rc)], lifespan=rc.lifespan)
+from service import Roomcast
+rc = Roomcast()                       # settings from the environment
+app = Starlette(routes=[Mount("/rt", app=rc)], lifespan=rc.lifespan)
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ def _settings_from(args: argparse.Namespace) -> Settings:
 def _workers(args: argparse.Namespace, settings: Settings) -> int:
     asked_env = os.environ.get("WEB_CONCURRENCY")
     if args.workers is not None:
-        workers = args.workers
+        workers = int(args.workers)
     else:
         try:
             workers = int(asked_env) if asked_env else 1
@@ -117,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.choices["serve"].set_defaults(run=serve)
     args = parser.parse_args(argv)
     try:
-        code: int = args.run(args)
+        code = int(args.run(args))
     except SettingsError as exc:
         print(f"roomcast: {exc}", file=sys.stderr)
         return 2

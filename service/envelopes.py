@@ -274,7 +274,7 @@ class Codec:
         assert not duplicates, f"envelope types registered twice: {sorted(map(str, duplicates))}"
         self.client_types: tuple[type[ClientEnvelope], ...] = types
         self.decoder: msgspec.json.Decoder[ClientEnvelope] = msgspec.json.Decoder(
-            Union[types]  # type: ignore[valid-type]  # noqa: UP007
+            Union[types]  # noqa: UP007
         )
 
     def decode(self, frame: str) -> ClientEnvelope:
@@ -286,8 +286,8 @@ def schema(
     extra_server: Iterable[type[ServerEnvelope]] = (),
 ) -> dict[str, Any]:
     """JSON Schema (2020-12) of every envelope, generated from the Structs."""
-    client = Union[(*CLIENT_TYPES, *extra_client)]  # type: ignore[valid-type]  # noqa: UP007
-    server = Union[(*SERVER_TYPES, *extra_server)]  # type: ignore[valid-type]  # noqa: UP007
+    client = Union[(*CLIENT_TYPES, *extra_client)]  # type: ignore[valid-type]
+    server = Union[(*SERVER_TYPES, *extra_server)]  # type: ignore[valid-type]
     (client_schema, server_schema), components = msgspec.json.schema_components(
         (client, server), ref_template="#/$defs/{name}"
     )

@@ -230,7 +230,9 @@ class Hub:
             room = await self._acquire(name)
         except Exception as exc:
             log.warning("subscribing to room %s failed: %r", name, exc)
-            raise HubError("internal", "The broadcast backend is unavailable: retry later.") from exc
+            raise HubError(
+                "internal", "The broadcast backend is unavailable: retry later."
+            ) from exc
         try:
             first = await self.presence.add(name, conn.user)
             online, users = await self.presence.snapshot(name, settings.presence_list_max)

@@ -23,7 +23,9 @@ def templates_dir() -> Path:
     raise RuntimeError(f"roomcast's templates are missing (looked beside {here})")
 
 
-def page_routes(hub: Hub, settings: Settings, schema_document: dict[str, object]) -> list[BaseRoute]:
+def page_routes(
+    hub: Hub, settings: Settings, schema_document: dict[str, object]
+) -> list[BaseRoute]:
     templates = Jinja2Templates(directory=templates_dir())
 
     async def index(request: Request) -> Response:
@@ -69,4 +71,3 @@ def page_routes(hub: Hub, settings: Settings, schema_document: dict[str, object]
         Route("/readyz", readyz, methods=["GET"]),
         Route("/schema.json", schema_json, methods=["GET"]),
     ]
-

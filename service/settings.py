@@ -51,7 +51,9 @@ class Settings:
         for name, low in _MINIMUMS.items():
             value = getattr(self, name)
             if value < low:
-                raise SettingsError(f"{name.upper()}={value} is invalid: it must be at least {low}.")
+                raise SettingsError(
+                    f"{name.upper()}={value} is invalid: it must be at least {low}."
+                )
         _check_url("BROADCAST_URL", self.broadcast_url, BROADCAST_SCHEMES)
         if not self.history_url:
             scheme = urlparse(self.broadcast_url).scheme

@@ -26,6 +26,7 @@ from .envelopes import (
     ClientEnvelope,
     Close,
     Codec,
+    Envelope,
     Error,
     ErrorCode,
     GetPresence,
@@ -78,7 +79,9 @@ class RoomSocket(WebSocketEndpoint):
 
     async def on_connect(self, websocket: WebSocket) -> None:
         settings, hub = self.context.settings, self.context.hub
-        subprotocol = SUBPROTOCOL if SUBPROTOCOL in websocket.scope.get("subprotocols", ()) else None
+        subprotocol = (
+            SUBPROTOCOL if SUBPROTOCOL in websocket.scope.get("subprotocols", ()) else None
+        )
         self.room = websocket.path_params.get("room")
         if len(hub.connections) >= settings.max_connections:
             return await self._refuse(
@@ -117,7 +120,12 @@ class RoomSocket(WebSocketEndpoint):
             await self._auto_join(conn, self.room, query.get("since"), query.get("history"))
 
     async def _refuse(
-        self, websocket: WebSocket, subprotocol: str | None, code: int, error: ErrorCode, detail: str
+        self,
+        websocket: WebSocket,
+        subprotocol: str | None,
+        code: int,
+        error: ErrorCode,
+        detail: str,
     ) -> None:
         # A browser cannot read a refused handshake's status: accept, explain, close.
         await websocket.accept(subprotocol=subprotocol)
@@ -214,7 +222,7 @@ class RoomSocket(WebSocketEndpoint):
         if self.conn is not None:
             self.conn.push(encode(Error(code=code, detail=detail, ref=ref, room=room)))
 
-    def reply(self, envelope: msgspec.Struct) -> None:
+    def reply(self, envelope: Envelope) -> None:
         """Queue an envelope for this connection (for custom handlers)."""
         assert self.conn is not None
         self.conn.push(encode(envelope))
@@ -244,8 +252,7 @@ class RoomSocket(WebSocketEndpoint):
         if len(message.text) > max_chars:
             raise HubError(
                 "text_too_long",
-                f"`text` has {len(message.text)} characters; at most {max_chars} "
-                "(MAX_TEXT_CHARS).",
+                f"`text` has {len(message.text)} characters; at most {max_chars} (MAX_TEXT_CHARS).",
             )
         appended = await self.hub.chat(conn.user, room, message.text, message.ref)
         conn.push(encode(Ack(ref=message.ref, room=room, offset=appended.offset)))

@@ -59,10 +59,11 @@ def start_server(
     cwd: str | None = None,
 ) -> Server:
     """Start `roomcast serve --port 0` and wait until it accepts requests."""
-    log_file = tempfile.NamedTemporaryFile(prefix="roomcast-", suffix=".log", delete=False)
-    full_env = {
-        k: v for k, v in os.environ.items() if k not in ("WEB_CONCURRENCY", "PORT")
-    }
+    # The log outlives this function: the server writes to it until it stops.
+    log_file = tempfile.NamedTemporaryFile(  # noqa: SIM115
+        prefix="roomcast-", suffix=".log", delete=False
+    )
+    full_env = {k: v for k, v in os.environ.items() if k not in ("WEB_CONCURRENCY", "PORT")}
     full_env.update(env or {})
     process = subprocess.Popen(
         [python, "-m", "service", "serve", "--host", "127.0.0.1", "--port", "0", *(args or [])],
@@ -80,7 +81,11 @@ def start_server(
             server.get_json("/healthz")
             return server
         if process.poll() is not None:
-            raise RuntimeError(f"roomcast serve exited {process.returncode}:\n{log_path.read_text()}")
+            raise RuntimeError(
+                f"roomcast serve exited {process.returncode}:\n{log_path.read_text()}"
+            )
         time.sleep(0.05)
     process.kill()
-    raise RuntimeError(f"roomcast serve did not start in {STARTUP_TIMEOUT}s:\n{log_path.read_text()}")
+    raise RuntimeError(
+        f"roomcast serve did not start in {STARTUP_TIMEOUT}s:\n{log_path.read_text()}"
+    )

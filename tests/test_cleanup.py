@@ -55,7 +55,11 @@ async def test_close_releases_everything(own_server: Server) -> None:
         while json.loads(await clients[0].recv())["type"] != "joined":
             pass
         assert counts(own_server) == {
-            "connections": 3, "rooms": 3, "subscriptions": 3, "tasks": 3, "users": 3
+            "connections": 3,
+            "rooms": 3,
+            "subscriptions": 3,
+            "tasks": 3,
+            "users": 3,
         }
         for ws in clients:
             await ws.close()
@@ -65,8 +69,10 @@ async def test_close_releases_everything(own_server: Server) -> None:
 async def test_network_drop_releases_everything(own_server: Server) -> None:
     async with asyncio.timeout(20):
         socks = [stalled_socket(own_server, "/ws/drop") for _ in range(3)]
-        await settle(own_server, {**ZERO, "connections": 3, "rooms": 1, "subscriptions": 1,
-                                  "tasks": 3, "users": 3})
+        await settle(
+            own_server,
+            {**ZERO, "connections": 3, "rooms": 1, "subscriptions": 1, "tasks": 3, "users": 3},
+        )
         for sock in socks:
             # SO_LINGER 0: close sends a TCP reset, no close frame: a dropped network.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -87,8 +93,11 @@ async def test_slow_consumer_close_releases_everything(own_server: Server) -> No
                     break
                 while json.loads(await publisher.recv())["type"] != "chat":
                     pass
-            await settle(own_server, {**ZERO, "connections": 1, "rooms": 1, "subscriptions": 1,
-                                      "tasks": 1, "users": 1}, timeout=30)
+            await settle(
+                own_server,
+                {**ZERO, "connections": 1, "rooms": 1, "subscriptions": 1, "tasks": 1, "users": 1},
+                timeout=30,
+            )
             await publisher.close()
             await settle(own_server, ZERO)
         finally:

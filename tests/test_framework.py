@@ -34,7 +34,9 @@ def build_app() -> tuple[Starlette, Roomcast]:
         assert socket.conn is not None
         if message.room not in socket.conn.rooms:
             raise HubError("not_joined", f"Join room {message.room!r} first.")
-        await socket.hub.broadcast(message.room, TypingNotice(room=message.room, user=socket.conn.user.name))
+        await socket.hub.broadcast(
+            message.room, TypingNotice(room=message.room, user=socket.conn.user.name)
+        )
 
     async def home(request: Any) -> PlainTextResponse:
         return PlainTextResponse("my app")
@@ -60,13 +62,14 @@ def test_custom_envelope_in_a_mounted_app(monkeypatch: pytest.MonkeyPatch) -> No
         original(self, *args, **kwargs)
 
     monkeypatch.setattr(service.envelopes.Codec, "__init__", counting)
-    app, rc = build_app()
+    app, _ = build_app()
     with TestClient(app) as client:
         assert client.get("/").text == "my app"
         assert client.get("/rt/healthz").json()["status"] == "ok"
-        with client.websocket_connect("/rt/ws/lobby?username=ann") as ann, client.websocket_connect(
-            "/rt/ws/lobby?username=bob"
-        ) as bob:
+        with (
+            client.websocket_connect("/rt/ws/lobby?username=ann") as ann,
+            client.websocket_connect("/rt/ws/lobby?username=bob") as bob,
+        ):
             frames_until(ann, "joined")
             frames_until(bob, "joined")
             for _ in range(3):

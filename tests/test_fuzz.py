@@ -19,8 +19,9 @@ ALLOWED_CLOSES = {1008, 1009, 4408, 4429}
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=10,
 )
 room_names = st.sampled_from(["a", "b", "lobby", "x.y:z-1", "", "bad room", "é", "r" * 65])
@@ -48,7 +49,9 @@ frames = st.one_of(
 @pytest.fixture(scope="module")
 def app_client() -> Iterator[tuple[Roomcast, TestClient]]:
     rc = Roomcast(
-        Settings(rate_limit=100000, max_message_bytes=2048, max_rooms=3, history_size=50, outbox_size=40)
+        Settings(
+            rate_limit=100000, max_message_bytes=2048, max_rooms=3, history_size=50, outbox_size=40
+        )
     )
     with TestClient(rc) as client:
         yield rc, client

@@ -7,11 +7,10 @@ import base64
 import json
 import os
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
 
 from .servers import Server, start_server
 
@@ -79,7 +78,7 @@ class Readers:
     async def publish(self, publisher: ClientConnection, text: str) -> None:
         for sent in range(MESSAGES):
             async with self.progress:
-                await self.progress.wait_for(lambda: min(self.counts) >= sent - WINDOW)
+                await self.progress.wait_for(lambda: min(self.counts) >= sent - WINDOW)  # noqa: B023
             await publisher.send(text)
 
     async def results(self) -> list[list[int]]:
