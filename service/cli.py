@@ -47,32 +47,46 @@ def _settings_from(args: argparse.Namespace) -> Settings:
 
 def _workers(args: argparse.Namespace, settings: Settings) -> int:
     asked_env = os.environ.get("WEB_CONCURRENCY")
-    if args.workers is not None:
-        workers = int(args.workers)
-    else:
-        try:
-            workers = int(asked_env) if asked_env else 1
-        except ValueError:
-            raise SettingsError(
-                f"WEB_CONCURRENCY={asked_env!r} is invalid: expected an integer."
-            ) from None
+    source = "--workers" if args.workers is not None else "WEB_CONCURRENCY"
+    raw = str(args.workers) if args.workers is not None else asked_env or "1"
+    try:
+        workers = int(raw)
+    except ValueError:
+        raise SettingsError(f"{source}={raw!r} is invalid: expected an integer.") from None
     if workers < 1:
-        raise SettingsError(f"--workers {workers} is invalid: at least 1.")
-    if workers > 1 and not settings.shares_rooms_across_processes:
-        if args.workers is not None:
-            raise SettingsError(
-                f"--workers {workers} with BROADCAST_URL=memory:// would split every room "
-                "between processes: use one worker, or a shared backend (redis://…)."
-            )
-        log.warning(
-            "WEB_CONCURRENCY=%s asks for %d workers, but BROADCAST_URL=memory:// keeps "
-            "rooms inside one process: running 1 worker. Set BROADCAST_URL=redis://… "
-            "to run several.",
-            asked_env,
-            workers,
+        raise SettingsError(f"{source}={workers} is invalid: it must be at least 1.")
+    if workers == 1:
+        return 1
+    if not settings.shares_rooms_across_processes:
+        reason = (
+            "BROADCAST_URL=memory:// keeps rooms inside one process: several workers "
+            "would split every room"
         )
-        workers = 1
-    return workers
+    elif not settings.shares_history_across_processes:
+        reason = (
+            f"HISTORY_URL={settings.history_url!r} is local to one process: several workers "
+            "would hand out the same offsets"
+        )
+    else:
+        return workers
+    if args.workers is not None:
+        raise SettingsError(f"--workers {workers} is refused: {reason}. Use one worker.")
+    log.warning(
+        "WEB_CONCURRENCY=%s asks for %d workers, but %s: running 1 worker.", raw, workers, reason
+    )
+    return 1
+
+
+def _check_backends(settings: Settings) -> None:
+    """Fail here, in the parent, rather than in workers that die one by one."""
+    from .history import open_store
+    from .transport import make_backend
+
+    open_store(settings)
+    try:
+        make_backend(settings.broadcast_url)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -80,6 +94,7 @@ def serve(args: argparse.Namespace) -> int:
 
     settings = _settings_from(args)
     workers = _workers(args, settings)
+    _check_backends(settings)
     uvicorn.run(
         "service.app:create_app",
         factory=True,

@@ -156,7 +156,7 @@ class Connection:
         except Exception as exc:  # the client went away mid-send
             log.debug("sender of %s stopped: %r", self.id, exc)
 
-    async def drop(self, code: int = Close.SLOW_CONSUMER) -> None:
+    async def drop(self, code: int = Close.SLOW_CONSUMER, grace: float = DROP_TIMEOUT) -> None:
         """Close now, without waiting for the queue: for a client that does not read.
 
         The close frame can only be written once the client reads again, so
@@ -170,7 +170,7 @@ class Connection:
             self._sender.cancel()
         self._finished = finished = asyncio.Event()
         try:
-            async with asyncio.timeout(DROP_TIMEOUT):
+            async with asyncio.timeout(grace):
                 await self._send({"type": "websocket.close", "code": code})
                 await finished.wait()
         except TimeoutError:

@@ -129,7 +129,8 @@ class Hub:
         await self.transport.subscribe(CONTROL_CHANNEL)
 
     async def stop(self) -> None:
-        await asyncio.gather(*(c.drop(Close.SERVICE_RESTART) for c in list(self.connections)))
+        # Normally the server has closed every socket (1012) before the lifespan ends.
+        await asyncio.gather(*(c.drop(Close.SERVICE_RESTART, 1.0) for c in list(self.connections)))
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

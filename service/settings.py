@@ -54,6 +54,8 @@ class Settings:
                 raise SettingsError(
                     f"{name.upper()}={value} is invalid: it must be at least {low}."
                 )
+        if self.port > 65535:
+            raise SettingsError(f"PORT={self.port} is invalid: it must be at most 65535.")
         _check_url("BROADCAST_URL", self.broadcast_url, BROADCAST_SCHEMES)
         if not self.history_url:
             scheme = urlparse(self.broadcast_url).scheme
@@ -70,6 +72,10 @@ class Settings:
     @property
     def shares_rooms_across_processes(self) -> bool:
         return urlparse(self.broadcast_url).scheme != "memory"
+
+    @property
+    def shares_history_across_processes(self) -> bool:
+        return urlparse(self.history_url).scheme not in ("memory", "sqlite")
 
     def with_overrides(self, **changes: Any) -> Settings:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})

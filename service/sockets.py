@@ -168,6 +168,7 @@ class RoomSocket(WebSocketEndpoint):
             self._error(
                 "rate_limited",
                 f"Slow down: at most {settings.rate_limit} frames per second (RATE_LIMIT).",
+                ref=ref_of(data) if type(data) is str else None,
             )
             if verdict == Verdict.CLOSE:
                 conn.close_after_queued(Close.TOO_MANY)

@@ -66,7 +66,7 @@ class Transport:
             self._listener.cancel()
             await asyncio.gather(self._listener, return_exceptions=True)
             self._listener = None
-        await asyncio.gather(*self._ops.values(), return_exceptions=True)
+        await self.settled()
         await self.backend.disconnect()
 
     async def _listen(self) -> None:
@@ -119,6 +119,7 @@ class Transport:
         task.add_done_callback(forget)
         return task
 
-    @property
-    def pending(self) -> int:
-        return len(self._ops)
+    async def settled(self) -> None:
+        """Wait until every subscribe and unsubscribe issued so far is done."""
+        while self._ops:
+            await asyncio.wait(list(self._ops.values()))

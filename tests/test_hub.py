@@ -1,0 +1,132 @@
+"""The hub in-process: subscriptions, ordering and fan-out without a server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from broadcaster._backends.memory import MemoryBackend
+
+from service.connection import Connection
+from service.envelopes import User
+from service.history import MemoryStore
+from service.hub import Hub
+from service.presence import LocalPresence
+from service.settings import Settings
+
+
+class Client:
+    """A connection whose socket is a list of the frames it was sent."""
+
+    def __init__(self, hub: Hub, user_id: str, outbox: int = 64) -> None:
+        self.frames: list[dict[str, Any]] = []
+        self.arrived = asyncio.Condition()
+        self.conn = Connection(
+            user_id,
+            User(user_id, user_id),
+            self._send,
+            limit=outbox,
+            rate=100,
+            on_overflow=hub.on_overflow,
+        )
+        hub.attach(self.conn)
+        self.conn.start()
+
+    async def _send(self, message: Any) -> None:
+        async with self.arrived:
+            if message["type"] == "websocket.send":
+                self.frames.append(json.loads(message["text"]))
+            self.arrived.notify_all()
+
+    async def wait_for(self, kind: str, count: int = 1) -> list[dict[str, Any]]:
+        async with asyncio.timeout(5), self.arrived:
+            await self.arrived.wait_for(lambda: len(self.of(kind)) >= count)
+        return self.of(kind)
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [f for f in self.frames if f["type"] == kind]
+
+
+class GatedUnsubscribe(MemoryBackend):
+    """A broker whose UNSUBSCRIBE takes as long as the test wants."""
+
+    def __init__(self) -> None:
+        super().__init__("memory://")
+        self.gate = asyncio.Event()
+        self.unsubscribing = asyncio.Event()
+
+    async def unsubscribe(self, channel: str) -> None:
+        self.unsubscribing.set()
+        await self.gate.wait()
+        await super().unsubscribe(channel)
+
+
+@pytest.fixture
+async def hub() -> AsyncIterator[Hub]:
+    settings = Settings()
+    hub = Hub(settings, MemoryStore(settings.history_size, settings.history_ttl), LocalPresence())
+    await hub.start()
+    yield hub
+    await hub.stop()
+
+
+async def test_rejoin_during_unsubscribe_waits_and_stays_subscribed(hub: Hub) -> None:
+    backend = GatedUnsubscribe()
+    await backend.connect()
+    hub.transport.backend = backend
+    hub.transport.subscribed.clear()
+    await hub.transport.disconnect()
+    await hub.transport.connect()
+    await hub.transport.subscribe("c.users")
+    ann, bob = Client(hub, "ann"), Client(hub, "bob")
+
+    await hub.join(ann.conn, "r")
+    await hub.leave(ann.conn, "r")  # the last member: unsubscribe starts and hangs
+    async with asyncio.timeout(5):
+        await backend.unsubscribing.wait()
+    join = asyncio.create_task(hub.join(bob.conn, "r"))
+    done, _ = await asyncio.wait([join], timeout=0.2)
+    assert not done, "a join was acknowledged while the room's unsubscribe was in flight"
+    backend.gate.set()
+    async with asyncio.timeout(5):
+        await join
+    assert "r.r" in backend._subscribed
+    await hub.chat(ann.conn.user, "r", "still there?")
+    chats = await bob.wait_for("chat")
+    assert chats[0]["text"] == "still there?"
+
+
+async def test_concurrent_chats_get_gapless_offsets_in_send_order(hub: Hub) -> None:
+    # In-process senders never yield between chats: outboxes must hold the whole burst.
+    clients = [Client(hub, f"u{i}", outbox=500) for i in range(5)]
+    for c in clients:
+        await hub.join(c.conn, "r")
+
+    async def send_all(c: Client) -> None:
+        for n in range(40):
+            await hub.chat(c.conn.user, "r", f"{c.conn.user.id}:{n}")
+
+    await asyncio.gather(*(send_all(c) for c in clients))
+    for c in clients:
+        chats = await c.wait_for("chat", 200)
+        assert [f["offset"] for f in chats] == list(range(1, 201))
+        for sender in clients:
+            mine = [f["text"] for f in chats if f["user"]["id"] == sender.conn.user.id]
+            assert mine == [f"{sender.conn.user.id}:{n}" for n in range(40)]
+
+
+async def test_one_subscription_per_room_taken_and_dropped(hub: Hub) -> None:
+    a, b = Client(hub, "a"), Client(hub, "b")
+    await hub.join(a.conn, "r")
+    await hub.join(b.conn, "r")
+    assert hub.transport.subscribed == {"c.users", "r.r"}
+    await hub.leave(a.conn, "r")
+    assert "r.r" in hub.transport.subscribed
+    await hub.leave(b.conn, "r")
+    async with asyncio.timeout(5):
+        await hub.transport.settled()
+    assert hub.transport.subscribed == {"c.users"}
+    assert hub.stats().rooms == 0
