@@ -6,15 +6,17 @@ Pure functions of the request's values, no I/O.
 from __future__ import annotations
 
 import secrets
+import unicodedata
 
 from .envelopes import User, is_client_id
 
 
 def sanitize_name(raw: str | None, max_chars: int) -> str | None:
-    """A display name without control characters, cut to `max_chars`; None when empty."""
+    """A display name without control or format characters (Unicode category C: no
+    bidi overrides, no zero-width tricks), cut to `max_chars`; None when empty."""
     if not raw:
         return None
-    cleaned = "".join(ch for ch in raw if ch.isprintable()).strip()
+    cleaned = "".join(ch for ch in raw if not unicodedata.category(ch).startswith("C")).strip()
     return cleaned[:max_chars].strip() or None
 
 

@@ -102,7 +102,6 @@ class RoomSocket(WebSocketEndpoint):
             )
         query = websocket.query_params
         user = anonymous_user(query.get("client"), query.get("username"), settings.max_name_chars)
-        await websocket.accept(subprotocol=subprotocol)
         conn = Connection(
             secrets.token_hex(8),
             user,
@@ -112,8 +111,10 @@ class RoomSocket(WebSocketEndpoint):
             on_overflow=hub.on_overflow,
             abort=_transport_abort(websocket),
         )
+        # Counted before the accept awaits, so MAX_CONNECTIONS holds under a burst of connects.
         self.conn = conn
         hub.attach(conn)
+        await websocket.accept(subprotocol=subprotocol)
         conn.push(encode(Welcome(conn=conn.id, user=user, heartbeat=settings.heartbeat_seconds)))
         conn.start()
         if self.room is not None:
@@ -188,6 +189,8 @@ class RoomSocket(WebSocketEndpoint):
                 return self._invalid(data, str(exc))
             except msgspec.DecodeError as exc:
                 return self._bad("invalid_json", f"The frame is not valid JSON: {exc}.")
+        if self.room is not None and type(message) is SendChat and message.room is None:
+            message.room = self.room
         conn.bad_frames.good()
         handler = self.context.handlers.get(type(message))
         if handler is None:  # a registered type without a handler is a wiring mistake
@@ -243,11 +246,13 @@ class RoomSocket(WebSocketEndpoint):
     async def on_chat(self, message: SendChat) -> None:
         conn = self.conn
         assert conn is not None
-        room = message.room or self.room
+        room = message.room
         if room is None:
             return self._bad(
                 "invalid_message", "Object missing required field `room`.", ref=message.ref
             )
+        if not message.text.strip():
+            return self._bad("invalid_message", "`text` is blank - at `$.text`.", ref=message.ref)
         self._joined(room)
         max_chars = self.context.settings.max_text_chars
         if len(message.text) > max_chars:
