@@ -115,7 +115,9 @@ class Hub:
         self.settings = settings
         self.store = store
         self.presence = presence
-        self.transport = Transport(transport_url or settings.broadcast_url, self._on_message)
+        self.transport = Transport(
+            transport_url or settings.broadcast_url, self._on_message, self._catch_up
+        )
         self.rooms: dict[str, Room] = {}
         self.connections: set[Connection] = set()
         self.users: dict[str, set[Connection]] = {}
@@ -427,6 +429,19 @@ class Hub:
                     room.live.add(conn)
         for conn in room.live:
             conn.push(text)
+
+    async def _catch_up(self) -> None:
+        """After the broker was lost: deliver from history what it did not."""
+        for room in list(self.rooms.values()):
+            page = await self.store.since(room.name, room.newest)
+            if not page.complete:
+                # Trimmed before we could deliver it: members must reconnect and
+                # learn from `recovered: false` that they have to reload.
+                for conn in (*room.live, *room.joining):
+                    conn.close_after_queued(Close.SERVICE_RESTART)
+                continue
+            for frame in page.entries:
+                self._fan_out(room, frame)
 
     def _deliver_to_user(self, delivery: _UserDelivery) -> None:
         for conn in list(self.users.get(delivery.user, ())):

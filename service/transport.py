@@ -13,6 +13,7 @@ member.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -24,6 +25,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("roomcast.transport")
 
 OnMessage = Callable[[str, str], None]
+
+RECONNECT_FIRST_DELAY = 0.1
+RECONNECT_MAX_DELAY = 5.0
 
 ROOM_PREFIX = "r."
 CONTROL_CHANNEL = "c.users"
@@ -45,20 +49,34 @@ def make_backend(url: str) -> BroadcastBackend:
 
 
 class Transport:
-    def __init__(self, url: str, on_message: OnMessage) -> None:
+    """Owns the backend connection and the one listener, which it supervises:
+    when the broker connection fails, it reconnects with backoff, subscribes
+    again to every channel and calls `on_reconnect`, so that the hub can fill
+    what was published meanwhile from history."""
+
+    def __init__(
+        self,
+        url: str,
+        on_message: OnMessage,
+        on_reconnect: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.url = url
         self.backend = make_backend(url)
         self.on_message = on_message
+        self.on_reconnect = on_reconnect
+        self.connected = False
+        self.reconnects = 0
         self._listener: asyncio.Task[None] | None = None
         self._ops: dict[str, asyncio.Task[None]] = {}
         self.subscribed: set[str] = set()
 
     @property
     def ready(self) -> bool:
-        return self._listener is not None and not self._listener.done()
+        return self.connected and self._listener is not None and not self._listener.done()
 
     async def connect(self) -> None:
         await self.backend.connect()
+        self.connected = True
         self._listener = asyncio.create_task(self._listen(), name="roomcast-listener")
 
     async def disconnect(self) -> None:
@@ -67,16 +85,49 @@ class Transport:
             await asyncio.gather(self._listener, return_exceptions=True)
             self._listener = None
         await self.settled()
+        self.connected = False
         await self.backend.disconnect()
 
     async def _listen(self) -> None:
-        backend, deliver = self.backend, self.on_message
         while True:
-            event = await backend.next_published()
             try:
-                deliver(event.channel, event.message)
+                event = await self.backend.next_published()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.connected = False
+                log.warning("lost the broadcast backend (%r): reconnecting", exc)
+                await self._reconnect()
+                continue
+            try:
+                self.on_message(event.channel, event.message)
             except Exception:
                 log.exception("fan-out failed on channel %s", event.channel)
+
+    async def _reconnect(self) -> None:
+        delay = RECONNECT_FIRST_DELAY
+        while True:
+            # Backoff between attempts against a broker that is down.
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RECONNECT_MAX_DELAY)
+            try:
+                with contextlib.suppress(Exception):
+                    await self.backend.disconnect()
+                await self.backend.connect()
+                for channel in list(self.subscribed):
+                    await self.backend.subscribe(channel)
+            except Exception as exc:
+                log.warning("broadcast backend still unavailable (%r)", exc)
+                continue
+            self.connected = True
+            self.reconnects += 1
+            log.info("broadcast backend reconnected")
+            if self.on_reconnect is not None:
+                try:
+                    await self.on_reconnect()
+                except Exception:
+                    log.exception("catching up after the reconnect failed")
+            return
 
     async def publish(self, channel: str, message: str) -> None:
         await self.backend.publish(channel, message)

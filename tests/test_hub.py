@@ -130,3 +130,69 @@ async def test_one_subscription_per_room_taken_and_dropped(hub: Hub) -> None:
         await hub.transport.settled()
     assert hub.transport.subscribed == {"c.users"}
     assert hub.stats().rooms == 0
+
+
+class FlakyBroker(MemoryBackend):
+    """A broker connection that can be cut: while down, publishes are lost and
+    the listener's read fails, as with a Redis server that went away."""
+
+    def __init__(self) -> None:
+        super().__init__("memory://")
+        self.down = False
+        self.cut = asyncio.Event()
+        self.connects = 0
+
+    async def connect(self) -> None:
+        if self.down:
+            raise ConnectionError("broker down")
+        self.connects += 1
+        await super().connect()
+
+    async def publish(self, channel: str, message: Any) -> None:
+        if not self.down:
+            await super().publish(channel, message)
+
+    async def next_published(self) -> Any:
+        get = asyncio.create_task(super().next_published())
+        cut = asyncio.create_task(self.cut.wait())
+        await asyncio.wait([get, cut], return_when=asyncio.FIRST_COMPLETED)
+        if cut.done():
+            get.cancel()
+            self.cut.clear()
+            raise ConnectionError("connection reset by broker")
+        cut.cancel()
+        return get.result()
+
+
+async def test_listener_survives_a_broker_outage_and_delivers_the_gap_from_history() -> None:
+    settings = Settings()
+    hub = Hub(settings, MemoryStore(settings.history_size, settings.history_ttl), LocalPresence())
+    broker = FlakyBroker()
+    hub.transport.backend = broker
+    await hub.start()
+    try:
+        ann = Client(hub, "ann")
+        await hub.join(ann.conn, "r")
+        await hub.chat(ann.conn.user, "r", "before")
+        await ann.wait_for("chat", 1)
+        broker.down = True
+        broker.cut.set()
+        async with asyncio.timeout(5):
+            while hub.ready:
+                await asyncio.sleep(0.01)
+        for n in range(3):  # acknowledged and stored, but the broker loses them
+            await hub.chat(ann.conn.user, "r", f"during {n}")
+        broker.down = False
+        chats = await ann.wait_for("chat", 4)
+        assert [(c["offset"], c["text"]) for c in chats] == [
+            (1, "before"),
+            (2, "during 0"),
+            (3, "during 1"),
+            (4, "during 2"),
+        ]
+        assert hub.ready and hub.transport.reconnects == 1 and broker.connects == 2
+        await hub.chat(ann.conn.user, "r", "after")
+        chats = await ann.wait_for("chat", 5)
+        assert [c["offset"] for c in chats] == [1, 2, 3, 4, 5]
+    finally:
+        await hub.stop()
