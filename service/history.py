@@ -147,10 +147,41 @@ class MemoryStore:
 
 
 def open_store(settings: Settings) -> HistoryStore:
-    scheme = urlparse(settings.history_url).scheme
+    """The store `HISTORY_URL` names; drivers are imported here, only when used.
+
+    Nothing connects yet: `connect()` does, in the lifespan.
+    """
+    url = settings.history_url
+    size, ttl = settings.history_size, float(settings.history_ttl)
+    scheme = urlparse(url).scheme
     if scheme == "memory":
-        return MemoryStore(settings.history_size, settings.history_ttl)
+        return MemoryStore(size, ttl)
+    if scheme == "sqlite":
+        from .history_sqlite import SqliteStore
+
+        return SqliteStore(url, size, ttl)
+    if scheme in ("redis", "rediss"):
+        try:
+            from .history_redis import RedisStore
+        except ImportError as exc:
+            raise _missing(url, "redis", "redis", exc) from None
+        return RedisStore(url, size, ttl)
+    if scheme in ("postgres", "postgresql"):
+        try:
+            from .history_postgres import PostgresStore
+        except ImportError as exc:
+            raise _missing(url, "asyncpg", "postgres", exc) from None
+        return PostgresStore(url, size, ttl)
     raise SettingsError(
-        f"HISTORY_URL={settings.history_url!r} is not available in this version: "
-        "use memory:// (the default)."
+        f"HISTORY_URL={url!r} is invalid: the scheme must be one of "
+        "memory://, sqlite:///, redis://, rediss://, postgres://, postgresql://."
+    )
+
+
+def _missing(url: str, driver: str, extra: str, exc: ImportError) -> SettingsError | ImportError:
+    if (exc.name or "").partition(".")[0] != driver:
+        return exc  # not the driver: a bug to see as it is
+    return SettingsError(
+        f"HISTORY_URL={url!r} needs a driver that is not installed ({exc}): "
+        f"pip install 'roomcast[{extra}]'."
     )
