@@ -230,10 +230,11 @@ ServerMessage = Union[  # noqa: UP007
 Stored = Union[Chat, Notification]  # noqa: UP007
 
 
-class OffsetView(Struct):
-    """The one field fan-out needs from a stored envelope it did not build."""
+class PositionView(Struct):
+    """The fields fan-out needs from an envelope it did not build: where it stands."""
 
     offset: int | None = None
+    epoch: str | None = None
 
 
 class RefView(Struct):
@@ -245,7 +246,7 @@ class RefView(Struct):
 # --- encoding ---------------------------------------------------------------
 
 _encoder = msgspec.json.Encoder()
-offset_decoder: Final = msgspec.json.Decoder(OffsetView)
+position_decoder: Final = msgspec.json.Decoder(PositionView)
 _ref_decoder = msgspec.json.Decoder(RefView)
 server_decoder: Final = msgspec.json.Decoder(ServerMessage)
 

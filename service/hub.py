@@ -34,7 +34,7 @@ from .envelopes import (
     User,
     encode,
     now,
-    offset_decoder,
+    position_decoder,
 )
 from .history import Appended, HistoryStore, Page, recovered
 from .presence import PresenceStore
@@ -46,6 +46,10 @@ log = logging.getLogger("roomcast.hub")
 # Stored frames a room keeps after fanning them out, so a join whose history
 # read raced with new messages picks up what arrived meanwhile.
 RECENT_FRAMES: Final = 128
+# How long a frame that arrived ahead of its predecessor waits for it before
+# the hub reads the missing ones from history (workers publish concurrently).
+GAP_GRACE: Final = 0.05
+JOIN_READS: Final = 8
 _SYSTEM_PREFIX: Final = '{"type":"system"'
 
 
@@ -76,7 +80,19 @@ _control_encoder = msgspec.json.Encoder()
 
 
 class Room:
-    __slots__ = ("channel", "joining", "live", "name", "newest", "pending", "ready", "recent")
+    __slots__ = (
+        "channel",
+        "epoch",
+        "filling",
+        "held",
+        "joining",
+        "live",
+        "name",
+        "newest",
+        "pending",
+        "ready",
+        "recent",
+    )
 
     def __init__(self, name: str, ready: asyncio.Task[None]) -> None:
         self.name = name
@@ -87,12 +103,20 @@ class Room:
         # Members whose history read ended at an offset the fan-out has not
         # reached yet: they get stored frames only above that offset.
         self.joining: dict[Connection, int] = {}
+        # Every live member has been given every stored frame up to `newest`.
         self.newest = 0
+        self.epoch: str | None = None
         self.recent: deque[tuple[int, str]] = deque(maxlen=RECENT_FRAMES)
+        self.held: dict[int, str] = {}  # frames that arrived ahead of a gap
+        self.filling: asyncio.Task[None] | None = None
 
     @property
     def empty(self) -> bool:
         return not self.live and not self.joining and not self.pending
+
+    @property
+    def members(self) -> tuple[Connection, ...]:
+        return (*self.live, *self.joining)
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,6 +277,8 @@ class Hub:
                     conn.push(frame)
                     cursor = offset
             # _read_for_join guarantees cursor >= room.newest.
+            if not room.live and not room.joining:
+                room.newest = cursor  # nobody else depends on the room's position
             if cursor > room.newest:
                 room.joining[conn] = cursor
             else:
@@ -274,7 +300,7 @@ class Hub:
         replay and live delivery has no hole.
         """
         store = self.store
-        while True:
+        for _ in range(JOIN_READS):
             if since is not None:
                 page = await store.since(room.name, since.offset)
                 ok = recovered(since.epoch, since.offset, page)
@@ -283,9 +309,12 @@ class Hub:
             else:
                 page = await store.last(room.name, min(history or 0, self.settings.history_size))
                 ok = False
+            if page.epoch != room.epoch:
+                self._new_epoch(room, page.epoch, page.top)
             oldest_recent = room.recent[0][0] if room.recent else room.newest + 1
             if room.newest <= page.top or oldest_recent <= page.top + 1:
                 return page, ok
+        raise HubError("internal", "The room's history changed under the join: retry.")
 
     async def leave(self, conn: Connection, name: str, ref: str | None = None) -> None:
         if name in conn.rooms:
@@ -410,15 +439,33 @@ class Hub:
             self._deliver_to_user(_control_decoder.decode(text))
 
     def _fan_out(self, room: Room, text: str) -> None:
-        offset = offset_decoder.decode(text).offset
+        position = position_decoder.decode(text)
+        offset = position.offset
         if offset is None:
             skip = _system_decoder.decode(text).user.id if text.startswith(_SYSTEM_PREFIX) else None
-            for conn in (*room.live, *room.joining):
+            for conn in room.members:
                 if conn.user.id != skip:
                     conn.push(text)
             return
+        if position.epoch != room.epoch:
+            self._new_epoch(room, position.epoch, offset - 1)
         if offset <= room.newest:
-            return  # already delivered (a duplicate from the broker)
+            return  # already delivered (a duplicate from the broker, or a replayed gap)
+        if offset > room.newest + 1 and (room.live or room.joining):
+            # A predecessor is still on its way (another worker published it) or lost.
+            room.held[offset] = text
+            if room.filling is None:
+                room.filling = asyncio.create_task(self._fill_gap(room))
+            return
+        self._deliver(room, offset, text)
+        held = room.held
+        while held:
+            frame = held.pop(room.newest + 1, None)
+            if frame is None:
+                break
+            self._deliver(room, room.newest + 1, frame)
+
+    def _deliver(self, room: Room, offset: int, text: str) -> None:
         room.newest = offset
         room.recent.append((offset, text))
         joining = room.joining
@@ -430,15 +477,44 @@ class Hub:
         for conn in room.live:
             conn.push(text)
 
+    async def _fill_gap(self, room: Room) -> None:
+        try:
+            await asyncio.sleep(GAP_GRACE)  # usually the missing frame arrives meanwhile
+            while room.held and self.rooms.get(room.name) is room:
+                page = await self.store.since(room.name, room.newest)
+                if page.epoch != room.epoch or not page.complete:
+                    self._new_epoch(room, page.epoch, page.top)
+                    break
+                for frame in page.entries:
+                    self._fan_out(room, frame)
+                for offset in [o for o in room.held if o <= room.newest]:
+                    del room.held[offset]
+                if room.held and not page.entries:
+                    break  # the store has nothing newer: the held frames wait for the next gap
+        except Exception as exc:
+            log.warning("filling a gap in room %s failed: %r", room.name, exc)
+            self._new_epoch(room, room.epoch, room.newest)
+        finally:
+            room.filling = None
+
+    def _new_epoch(self, room: Room, epoch: str | None, newest: int) -> None:
+        """The room's history was lost (or cannot be filled in): its members
+        reconnect with 1012, and learn from `recovered: false` to reload."""
+        if room.epoch is not None:
+            log.warning("room %s lost history (epoch %s -> %s)", room.name, room.epoch, epoch)
+            for conn in room.members:
+                conn.close_after_queued(Close.SERVICE_RESTART)
+        room.epoch = epoch
+        room.newest = newest
+        room.recent.clear()
+        room.held.clear()
+
     async def _catch_up(self) -> None:
         """After the broker was lost: deliver from history what it did not."""
         for room in list(self.rooms.values()):
             page = await self.store.since(room.name, room.newest)
-            if not page.complete:
-                # Trimmed before we could deliver it: members must reconnect and
-                # learn from `recovered: false` that they have to reload.
-                for conn in (*room.live, *room.joining):
-                    conn.close_after_queued(Close.SERVICE_RESTART)
+            if page.epoch != room.epoch or not page.complete:
+                self._new_epoch(room, page.epoch, page.top)
                 continue
             for frame in page.entries:
                 self._fan_out(room, frame)

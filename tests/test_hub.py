@@ -23,6 +23,7 @@ class Client:
 
     def __init__(self, hub: Hub, user_id: str, outbox: int = 64) -> None:
         self.frames: list[dict[str, Any]] = []
+        self.closed: int | None = None
         self.arrived = asyncio.Condition()
         self.conn = Connection(
             user_id,
@@ -39,6 +40,8 @@ class Client:
         async with self.arrived:
             if message["type"] == "websocket.send":
                 self.frames.append(json.loads(message["text"]))
+            else:
+                self.closed = message["code"]
             self.arrived.notify_all()
 
     async def wait_for(self, kind: str, count: int = 1) -> list[dict[str, Any]]:
@@ -196,3 +199,38 @@ async def test_listener_survives_a_broker_outage_and_delivers_the_gap_from_histo
         assert [c["offset"] for c in chats] == [1, 2, 3, 4, 5]
     finally:
         await hub.stop()
+
+
+async def test_frames_published_out_of_order_or_lost_are_delivered_in_order(hub: Hub) -> None:
+    ann = Client(hub, "ann")
+    await hub.join(ann.conn, "r")
+    store = hub.store
+
+    def build(text: str) -> Any:
+        return lambda epoch, offset: json.dumps(
+            {"type": "chat", "room": "r", "epoch": epoch, "offset": offset, "text": text}
+        )
+
+    frames = [(await store.append("r", build(f"m{n}"))).data for n in range(1, 6)]
+    # Two workers published 1-3 in the order 3, 1, 2; 4 never reached the broker.
+    for frame in (frames[2], frames[0], frames[1], frames[4]):
+        await hub.transport.publish("r.r", frame)
+    chats = await ann.wait_for("chat", 5)
+    assert [c["offset"] for c in chats] == [1, 2, 3, 4, 5]
+    assert [c["text"] for c in chats] == ["m1", "m2", "m3", "m4", "m5"]
+    await hub.transport.publish("r.r", frames[3])  # the late copy of 4 is not delivered twice
+    await hub.chat(ann.conn.user, "r", "m6")
+    chats = await ann.wait_for("chat", 6)
+    assert [c["offset"] for c in chats] == [1, 2, 3, 4, 5, 6]
+
+
+async def test_history_lost_under_a_live_room_closes_its_members_with_1012(hub: Hub) -> None:
+    ann = Client(hub, "ann")
+    await hub.join(ann.conn, "r")
+    await hub.chat(ann.conn.user, "r", "old epoch")
+    await ann.wait_for("chat", 1)
+    hub.store = MemoryStore(10, 60)  # as if the store had been flushed: a new epoch
+    await hub.chat(ann.conn.user, "r", "new epoch")
+    async with asyncio.timeout(5), ann.arrived:
+        await ann.arrived.wait_for(lambda: ann.closed == 1012)
+    assert [c["text"] for c in ann.of("chat")] == ["old epoch"]

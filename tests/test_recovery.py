@@ -9,9 +9,11 @@ import socket
 import struct
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from .brokers import fresh_database
 from .servers import Server, start_server
 from .support import Client, Message, client
 from .test_slow_consumer import read_frame, stalled_socket
@@ -204,10 +206,21 @@ async def test_a_slow_consumer_closed_with_4408_reconnects_and_loses_nothing() -
         slow_srv.terminate()
 
 
-@pytest.fixture(scope="module")
-def roomy() -> Iterator[Server]:
-    """Default outboxes: live frames queue behind a replay while it streams."""
-    server = start_server({"RATE_LIMIT": "5000"})
+@pytest.fixture(scope="module", params=["memory", "sqlite", "redis", "postgres"])
+def roomy(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """Default outboxes (live frames queue behind a replay while it streams), on each store."""
+    store = request.param
+    if store == "sqlite":
+        url = f"sqlite:///{tmp_path_factory.mktemp('seam') / 'history.db'}"
+    elif store == "redis":
+        url = f"{request.getfixturevalue('redis_url')}?prefix=seam-{uuid.uuid4().hex}"
+    elif store == "postgres":
+        url = asyncio.run(fresh_database(request.getfixturevalue("postgres_url")))
+    else:
+        url = "memory://"
+    server = start_server({"RATE_LIMIT": "5000", "HISTORY_URL": url})
     yield server
     server.terminate()
 
@@ -291,5 +304,39 @@ def test_restart_on_the_memory_store_changes_the_epoch() -> None:
 
         joined = asyncio.run(after())
         assert joined["recovered"] is False and joined["epoch"] != epoch
+    finally:
+        server.terminate()
+
+
+def test_restart_on_the_sqlite_store_recovers(tmp_path: Path) -> None:
+    env = {"HISTORY_URL": f"sqlite:///{tmp_path / 'history.db'}"}
+    server = start_server(env)
+    try:
+
+        async def before() -> str:
+            async with client(server) as conn:
+                joined = await conn.join("r")
+                for n in range(3):
+                    await conn.chat(f"before {n}", room="r")
+                return str(joined["epoch"])
+
+        epoch = asyncio.run(before())
+    finally:
+        server.terminate()
+    server = start_server(env)
+    try:
+
+        async def after() -> None:
+            async with client(server, "/ws/r", since=f"{epoch}:1") as conn:
+                replay = await conn.recv_many(2)
+                assert [(f["offset"], f["text"]) for f in replay] == [
+                    (2, "before 1"),
+                    (3, "before 2"),
+                ]
+                await conn.recv_type("joined", room="r", recovered=True, epoch=epoch, offset=3)
+                ack, _ = await conn.chat("after restart")
+                assert ack["offset"] == 4
+
+        asyncio.run(after())
     finally:
         server.terminate()
