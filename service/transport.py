@@ -45,7 +45,11 @@ def make_backend(url: str) -> BroadcastBackend:
         from broadcaster._backends.memory import MemoryBackend
 
         return MemoryBackend(url)
-    raise ValueError(f"BROADCAST_URL={url!r}: only memory:// is available in this version")
+    if scheme in ("redis", "rediss"):
+        from .backend_redis import RedisBackend
+
+        return RedisBackend(url)
+    raise ValueError(f"BROADCAST_URL={url!r}: this backend is not available in this version")
 
 
 class Transport:

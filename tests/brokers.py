@@ -91,7 +91,7 @@ class RedisServer:
         path = self.dir / "redis.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 10.0, keep_data: bool = False) -> None:
         pidfile = self.dir / "redis.pid"
         if not pidfile.exists():
             return
@@ -106,20 +106,30 @@ class RedisServer:
                 os.kill(pid, signal.SIGKILL)
                 break
             time.sleep(0.02)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if not keep_data:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def start_redis() -> RedisServer:
+def start_redis(restart: RedisServer | None = None, durable: bool = False) -> RedisServer:
+    """A new redis-server; or, with `restart`, the same one again (port and data).
+
+    `durable` keeps an append-only file synced on every write, so that a
+    stopped server comes back with everything it acknowledged.
+    """
     binary = _binary("redis-server", "redis-server")
-    folder = Path(tempfile.mkdtemp(prefix="roomcast-redis-"))
-    server = RedisServer(free_port(), folder)
+    if restart is not None:
+        folder, port = restart.dir, restart.port
+    else:
+        folder, port = Path(tempfile.mkdtemp(prefix="roomcast-redis-")), free_port()
+    server = RedisServer(port, folder)
     subprocess.run(
         [
             binary,
             "--port", str(server.port),
             "--bind", "127.0.0.1",
             "--save", "",
-            "--appendonly", "no",
+            "--appendonly", "yes" if durable else "no",
+            "--appendfsync", "always",
             "--daemonize", "yes",
             "--pidfile", str(folder / "redis.pid"),
             "--logfile", str(folder / "redis.log"),

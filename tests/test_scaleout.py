@@ -1,0 +1,174 @@
+"""Several roomcast processes (workers or dynos) behind one Redis: one room."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from .brokers import start_redis
+from .servers import Server, start_server
+from .support import Client, Message, client, get
+
+ROOM = "shared"
+
+
+@pytest.fixture
+def redis_pair(redis_url: str) -> Iterator[tuple[Server, Server]]:
+    """Two servers (as two dynos) sharing one Redis for broadcast and history."""
+    env = {"BROADCAST_URL": f"{redis_url}?prefix=t{uuid.uuid4().hex[:12]}", "RATE_LIMIT": "5000"}
+    first = start_server(env)
+    try:
+        second = start_server(env)
+        try:
+            yield first, second
+        finally:
+            second.terminate()
+    finally:
+        first.terminate()
+
+
+async def chats_until(conn: Client, last: int, within: float = 20) -> list[Message]:
+    found: list[Message] = []
+    async with asyncio.timeout(within):
+        while not found or found[-1]["offset"] < last:
+            frame = await conn.recv(within)
+            if frame["type"] == "chat":
+                found.append(frame)
+    return found
+
+
+async def test_clients_on_two_servers_share_a_room_with_one_offset_order(
+    redis_pair: tuple[Server, Server],
+) -> None:
+    one, two = redis_pair
+    async with client(one) as ann, client(two) as bob:
+        await ann.join(ROOM)
+        await bob.join(ROOM)
+        await ann.recv_type("system", event="join", user=bob.user)  # across servers
+        ack, _ = await ann.chat("from one", room=ROOM)
+        got = await chats_until(bob, ack["offset"])
+        assert [(c["offset"], c["text"]) for c in got] == [(1, "from one")]
+        ack, _ = await bob.chat("from two", room=ROOM)
+        assert ack["offset"] == 2
+        got = await chats_until(ann, 2)
+        assert [(c["offset"], c["text"]) for c in got] == [(2, "from two")]
+
+
+async def test_concurrent_senders_on_both_servers_give_every_client_one_gapless_order(
+    redis_pair: tuple[Server, Server],
+) -> None:
+    one, two = redis_pair
+    per_sender = 40
+
+    async def sender(server: Server, name: str) -> None:
+        async with client(server) as conn:
+            await conn.join(ROOM)
+
+            async def drain() -> None:
+                acks = 0
+                while acks < per_sender:
+                    acks += (await conn.recv(20))["type"] == "ack"
+
+            reading = asyncio.create_task(drain())
+            for n in range(per_sender):
+                await conn.send({"type": "chat", "room": ROOM, "text": f"{name}:{n}"})
+            await reading
+
+    async with client(one) as watch_one, client(two) as watch_two:
+        await watch_one.join(ROOM)
+        await watch_two.join(ROOM)
+        names = ["a", "b", "c", "d"]
+        await asyncio.gather(*(sender(one if i % 2 else two, name) for i, name in enumerate(names)))
+        total = per_sender * len(names)
+        for watcher in (watch_one, watch_two):
+            got = await chats_until(watcher, total)
+            assert [c["offset"] for c in got] == list(range(1, total + 1))
+            for name in names:
+                mine = [c["text"] for c in got if c["text"].startswith(f"{name}:")]
+                assert mine == [f"{name}:{n}" for n in range(per_sender)]
+
+
+async def test_recovery_works_on_the_other_server(redis_pair: tuple[Server, Server]) -> None:
+    one, two = redis_pair
+    async with client(one) as writer:
+        joined = await writer.join(ROOM)
+        for n in range(5):
+            await writer.chat(f"m{n}", room=ROOM)
+        since = f"{joined['epoch']}:2"
+        async with client(two, f"/ws/{ROOM}", since=since) as back:
+            assert [f["offset"] for f in await back.recv_many(3)] == [3, 4, 5]
+            await back.recv_type("joined", recovered=True, offset=5)
+
+
+async def ready(server: Server) -> bool:
+    status, _ = await get(server, "/readyz")
+    return status == 200
+
+
+async def wait_ready(server: Server, want: bool, within: float = 20) -> None:
+    async with asyncio.timeout(within):
+        while await ready(server) != want:
+            await asyncio.sleep(0.05)  # polling /readyz, bounded by the timeout
+
+
+async def test_a_redis_outage_loses_and_duplicates_no_acknowledged_message() -> None:
+    redis = start_redis(durable=True)
+    env = {"BROADCAST_URL": redis.url, "RATE_LIMIT": "5000"}
+    one = start_server(env)
+    two = start_server(env)
+    try:
+        acked: dict[str, int] = {}
+        refused: list[str] = []
+        stop = asyncio.Event()
+
+        async def chatter() -> None:
+            """Sends one chat at a time and re-sends it with the same ref until acknowledged."""
+            async with client(one) as conn:
+                await conn.join(ROOM)
+                n = 0
+                while not stop.is_set():
+                    ref = f"c{n}"
+                    await conn.send({"type": "chat", "room": ROOM, "text": ref, "ref": ref})
+                    while True:
+                        frame = await conn.recv(20)
+                        if frame["type"] == "ack" and frame["ref"] == ref:
+                            acked[ref] = frame["offset"]
+                            n += 1
+                            break
+                        if frame["type"] == "error" and frame["ref"] == ref:
+                            assert frame["code"] == "internal", frame
+                            refused.append(ref)
+                            break  # the store is down: the same ref goes again
+
+        async with client(two) as reader:
+            await reader.join(ROOM)
+            chatting = asyncio.create_task(chatter())
+            async with asyncio.timeout(20):
+                while len(acked) < 20:
+                    await asyncio.sleep(0.01)  # let traffic build up before the outage
+            redis.stop(keep_data=True)
+            await wait_ready(one, False)
+            await wait_ready(two, False)
+            before_restart = len(acked)
+            redis = start_redis(restart=redis, durable=True)
+            await wait_ready(one, True)
+            await wait_ready(two, True)
+            async with asyncio.timeout(20):
+                while len(acked) < before_restart + 20:
+                    await asyncio.sleep(0.01)
+            stop.set()
+            await asyncio.wait_for(chatting, 20)
+            last = max(acked.values())
+            got = await chats_until(reader, last)
+        assert refused, "no chat was sent while Redis was down: the outage was not exercised"
+        offsets = [c["offset"] for c in got]
+        assert offsets == list(range(1, last + 1)), "a gap or a duplicate after the outage"
+        texts = {c["text"]: c["offset"] for c in got}
+        assert all(texts[ref] == offset for ref, offset in acked.items())
+    finally:
+        one.terminate()
+        two.terminate()
+        redis.stop()
