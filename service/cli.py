@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import copy
 import json
 import logging
 import os
@@ -17,6 +19,7 @@ log = logging.getLogger("roomcast")
 # Heroku sends SIGKILL 30 s after SIGTERM; open sockets are closed with 1012
 # at once, this bounds the wait for the rest.
 GRACEFUL_SHUTDOWN_SECONDS = 10
+PROBE_TIMEOUT = 10
 
 
 def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -78,26 +81,47 @@ def _workers(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _check_backends(settings: Settings) -> None:
-    """Fail here, in the parent, rather than in workers that die one by one."""
+    """Connect once here, in the parent: a bad URL or an unreachable broker stops
+    start-up with the variable's name, instead of workers that die one by one
+    behind a bound port."""
     from .history import open_store
     from .transport import make_backend
 
-    open_store(settings)
+    store = open_store(settings)
     try:
-        make_backend(settings.broadcast_url)
+        backend = make_backend(settings.broadcast_url)
     except ValueError as exc:
         raise SettingsError(str(exc)) from None
+
+    async def probe() -> None:
+        for var, url, part in (
+            ("HISTORY_URL", settings.history_url, store),
+            ("BROADCAST_URL", settings.broadcast_url, backend),
+        ):
+            try:
+                async with asyncio.timeout(PROBE_TIMEOUT):
+                    await part.connect()
+                await part.disconnect()
+            except Exception as exc:  # whatever the driver raises: say which setting
+                raise SettingsError(f"{var}={url!r} cannot be reached: {exc!r}.") from None
+
+    asyncio.run(probe())
 
 
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
+    import uvicorn.config
 
     settings = _settings_from(args)
     workers = _workers(args, settings)
     _check_backends(settings)
+    # uvicorn applies its log config in every worker process; ours rides along.
+    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    log_config["loggers"]["roomcast"] = {"handlers": ["default"], "level": "INFO"}
     uvicorn.run(
         "service.app:create_app",
         factory=True,
+        log_config=log_config,
         host=args.host,
         port=settings.port,
         workers=workers,

@@ -78,8 +78,11 @@ def start_server(
         match = _RUNNING.search(log_path.read_text(errors="replace"))
         if match:
             server = Server(process, int(match.group(1)), log_path, env or {})
-            server.get_json("/healthz")
-            return server
+            try:  # with several workers the port is bound before they serve
+                server.get_json("/healthz")
+                return server
+            except OSError:
+                pass
         if process.poll() is not None:
             raise RuntimeError(
                 f"roomcast serve exited {process.returncode}:\n{log_path.read_text()}"

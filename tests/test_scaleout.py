@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Iterator
 
@@ -172,3 +173,24 @@ async def test_a_redis_outage_loses_and_duplicates_no_acknowledged_message() -> 
         one.terminate()
         two.terminate()
         redis.stop()
+
+
+def test_serve_runs_several_workers_on_a_shared_backend(redis_url: str) -> None:
+    env = {"BROADCAST_URL": f"{redis_url}?prefix=w{uuid.uuid4().hex[:12]}", "WEB_CONCURRENCY": "2"}
+    server = start_server(env)
+    try:
+
+        async def chat_among_many() -> None:
+            async with contextlib.AsyncExitStack() as stack:
+                members = [await stack.enter_async_context(client(server)) for _ in range(8)]
+                for member in members:
+                    await member.join(ROOM)
+                await members[0].send({"type": "chat", "room": ROOM, "text": "to all workers"})
+                for member in members:
+                    got = await chats_until(member, 1)
+                    assert [c["text"] for c in got] == ["to all workers"]
+
+        asyncio.run(chat_among_many())
+        assert server.log().count("Started server process") == 2, server.log()
+    finally:
+        server.terminate()
