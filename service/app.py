@@ -19,7 +19,7 @@ from .envelopes import ClientEnvelope, Codec, ServerEnvelope, schema
 from .history import open_store
 from .hub import Hub
 from .pages import page_routes
-from .presence import LocalPresence
+from .presence import open_presence
 from .settings import Settings
 from .sockets import PROTOCOL_HANDLERS, Handler, RoomSocket, SocketContext
 
@@ -31,7 +31,7 @@ class Roomcast:
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or Settings.from_environ()
-        self.hub = Hub(self.settings, open_store(self.settings), LocalPresence())
+        self.hub = Hub(self.settings, open_store(self.settings), open_presence(self.settings))
         self.handlers: dict[type[ClientEnvelope], Handler] = dict(PROTOCOL_HANDLERS)
         self.server_types: list[type[ServerEnvelope]] = []
         self._app: Starlette | None = None

@@ -151,6 +151,7 @@ class Hub:
 
     async def start(self) -> None:
         await self.store.connect()
+        await self.presence.start()
         await self.transport.connect()
         await self.transport.subscribe(CONTROL_CHANNEL)
 
@@ -161,6 +162,7 @@ class Hub:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.transport.disconnect()
+        await self.presence.stop()
         await self.store.disconnect()
 
     @property
@@ -208,7 +210,10 @@ class Hub:
         for name in names:
             self._unregister(conn, name)
         for name in names:
-            await self._forget_presence(name, conn.user)
+            try:
+                await self._forget_presence(name, conn.user)
+            except Exception as exc:  # presence corrects itself when its store is back
+                log.warning("presence of %s in %s not released: %r", conn.user.id, name, exc)
 
     # --- rooms -----------------------------------------------------------
 
@@ -261,9 +266,15 @@ class Hub:
                 "internal", "The broadcast backend is unavailable: retry later."
             ) from exc
         try:
-            first = await self.presence.add(name, conn.user)
-            online, users = await self.presence.snapshot(name, settings.presence_list_max)
-            page, ok = await self._read_for_join(room, since, history)
+            try:
+                first = await self.presence.add(name, conn.user)
+                online, users = await self.presence.snapshot(name, settings.presence_list_max)
+                page, ok = await self._read_for_join(room, since, history)
+            except HubError:
+                raise
+            except Exception as exc:
+                log.warning("join of %s failed: %r", name, exc)
+                raise HubError("internal", "History or presence is unavailable: retry.") from exc
             if conn.closing:
                 await self._forget_presence(name, conn.user)
                 return

@@ -8,11 +8,21 @@ take its place for several workers.
 from __future__ import annotations
 
 from typing import Protocol
+from urllib.parse import urlparse
 
 from .envelopes import User
+from .settings import Settings
 
 
 class PresenceStore(Protocol):
+    async def start(self) -> None:
+        """Connect and begin whatever keeps this worker's entries alive (before any `add`)."""
+        ...
+
+    async def stop(self) -> None:
+        """Withdraw this worker's entries and disconnect (after the last `remove`)."""
+        ...
+
     async def add(self, room: str, user: User) -> bool:
         """Count one more connection of `user` in `room`; True when it is the first."""
         ...
@@ -29,6 +39,12 @@ class PresenceStore(Protocol):
 class LocalPresence:
     def __init__(self) -> None:
         self._rooms: dict[str, dict[str, tuple[User, int]]] = {}
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
 
     async def add(self, room: str, user: User) -> bool:
         users = self._rooms.setdefault(room, {})
@@ -56,3 +72,12 @@ class LocalPresence:
 
     def __len__(self) -> int:
         return len(self._rooms)
+
+
+def open_presence(settings: Settings) -> PresenceStore:
+    """Shared presence when rooms are shared through Redis, else this process's."""
+    if urlparse(settings.broadcast_url).scheme in ("redis", "rediss"):
+        from .presence_redis import RedisPresence
+
+        return RedisPresence(settings.broadcast_url, settings.presence_ttl)
+    return LocalPresence()

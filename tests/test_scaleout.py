@@ -19,7 +19,11 @@ ROOM = "shared"
 @pytest.fixture
 def redis_pair(redis_url: str) -> Iterator[tuple[Server, Server]]:
     """Two servers (as two dynos) sharing one Redis for broadcast and history."""
-    env = {"BROADCAST_URL": f"{redis_url}?prefix=t{uuid.uuid4().hex[:12]}", "RATE_LIMIT": "5000"}
+    env = {
+        "BROADCAST_URL": f"{redis_url}?prefix=t{uuid.uuid4().hex[:12]}",
+        "RATE_LIMIT": "5000",
+        "PRESENCE_TTL": "2",
+    }
     first = start_server(env)
     try:
         second = start_server(env)
@@ -47,8 +51,11 @@ async def test_clients_on_two_servers_share_a_room_with_one_offset_order(
     one, two = redis_pair
     async with client(one) as ann, client(two) as bob:
         await ann.join(ROOM)
-        await bob.join(ROOM)
-        await ann.recv_type("system", event="join", user=bob.user)  # across servers
+        joined = await bob.join(ROOM)
+        # Presence covers both servers.
+        assert joined["online"] == 2
+        assert {u["id"] for u in joined["presence"]} == {ann.user["id"], bob.user["id"]}
+        await ann.recv_type("system", event="join", user=bob.user, online=2)
         ack, _ = await ann.chat("from one", room=ROOM)
         got = await chats_until(bob, ack["offset"])
         assert [(c["offset"], c["text"]) for c in got] == [(1, "from one")]
@@ -194,3 +201,25 @@ def test_serve_runs_several_workers_on_a_shared_backend(redis_url: str) -> None:
         assert server.log().count("Started server process") == 2, server.log()
     finally:
         server.terminate()
+
+
+async def test_a_crashed_servers_users_leave_presence_within_presence_ttl(
+    redis_pair: tuple[Server, Server],
+) -> None:
+    one, two = redis_pair
+    async with client(one) as ann:
+        await ann.join(ROOM)
+        async with client(two) as bob:
+            await bob.join(ROOM)
+            await ann.recv_type("system", event="join", online=2)
+            two.process.kill()  # SIGKILL: no clean-up, its presence lease just expires
+            two.process.wait(10)
+            # The requirement is the bound: PRESENCE_TTL (2 s) plus slack for a loaded machine.
+            async with asyncio.timeout(2 + 2):
+                while True:
+                    await ann.send({"type": "presence", "room": ROOM, "ref": "p"})
+                    frame = await ann.drain_until(lambda f: f["type"] == "presence")
+                    if frame[-1]["online"] == 1:
+                        break
+                    await asyncio.sleep(0.2)  # polling presence, bounded by the timeout
+            assert [u["id"] for u in frame[-1]["users"]] == [ann.user["id"]]

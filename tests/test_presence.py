@@ -1,0 +1,376 @@
+"""Presence: the contract of every `PresenceStore`, and Redis across workers.
+
+The Redis tests run on a real redis-server, each under a prefix of its own;
+several `RedisPresence` objects on one Redis stand for several workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+import pytest
+import redis.asyncio as aioredis
+
+from service import presence_redis
+from service.envelopes import User
+from service.presence import LocalPresence, PresenceStore
+from service.presence_redis import RedisPresence
+from service.settings import SettingsError
+
+T = TypeVar("T")
+TIMEOUT = 10.0
+ADA, BOB, CAROL = User("u-ada", "Ada"), User("u-bob", "Bob"), User("u-carol", "Carol")
+
+
+async def within(awaitable: Awaitable[T], timeout: float = TIMEOUT) -> T:
+    return await asyncio.wait_for(awaitable, timeout)
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T]], done: Callable[[T], bool], within_s: float = TIMEOUT
+) -> T:
+    """Poll `probe` until `done` holds, or fail at the deadline."""
+    deadline = time.monotonic() + within_s
+    while True:
+        value = await within(probe())
+        if done(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never reached the expected state: last {value!r}")
+        await asyncio.sleep(0.05)
+
+
+class Workers:
+    """RedisPresence objects on one Redis and one prefix, as workers would be."""
+
+    def __init__(self, url: str) -> None:
+        self.prefix = f"t{secrets.token_hex(4)}"
+        self.url = f"{url}?prefix={self.prefix}"
+        self.raw = aioredis.Redis.from_url(url, decode_responses=True)
+        self.started: list[RedisPresence] = []
+
+    async def open(self, ttl: float = 30.0) -> RedisPresence:
+        presence = RedisPresence(self.url, ttl)
+        await within(presence.start())
+        self.started.append(presence)
+        return presence
+
+    async def keys(self) -> set[str]:
+        async def scan() -> set[str]:
+            return {key async for key in self.raw.scan_iter(match=self.prefix + ":*", count=1000)}
+
+        return await within(scan())
+
+    async def close(self) -> None:
+        for presence in self.started:
+            await within(presence.stop())
+        await within(self.raw.aclose())
+
+
+@pytest.fixture
+async def workers(redis_url: str) -> AsyncIterator[Workers]:
+    w = Workers(redis_url)
+    yield w
+    await w.close()
+
+
+@pytest.fixture(params=["local", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[PresenceStore]:
+    if request.param == "local":
+        local: PresenceStore = LocalPresence()
+        await within(local.start())
+        yield local
+        await within(local.stop())
+    else:
+        w = Workers(request.getfixturevalue("redis_url"))
+        try:
+            yield await w.open()
+        finally:
+            await w.close()
+
+
+async def crash(presence: RedisPresence) -> None:
+    """End a worker as a crash would: no more renewals, nothing withdrawn."""
+    task, presence._task = presence._task, None
+    assert task is not None
+    task.cancel()
+    await within(asyncio.gather(task, return_exceptions=True))
+    client, presence._redis = presence._redis, None
+    presence._scripts = {}
+    assert client is not None
+    await within(client.aclose())
+
+
+def ids(users: list[User]) -> list[str]:
+    return [u.id for u in users]
+
+
+# --- the contract --------------------------------------------------------------
+
+
+async def test_first_and_last_connection(store: PresenceStore) -> None:
+    assert await within(store.add("r", ADA)) is True
+    assert await within(store.add("r", ADA)) is False
+    assert await within(store.snapshot("r", 10)) == (1, [ADA])
+    assert await within(store.remove("r", ADA)) is False
+    assert await within(store.snapshot("r", 10)) == (1, [ADA])
+    assert await within(store.remove("r", ADA)) is True
+    assert await within(store.snapshot("r", 10)) == (0, [])
+    assert await within(store.add("r", ADA)) is True  # back again: first again
+
+
+async def test_distinct_users_counted_per_connection(store: PresenceStore) -> None:
+    for user in (ADA, ADA, BOB):
+        await within(store.add("a", user))
+    assert await within(store.add("b", CAROL)) is True
+    assert await within(store.add("b", ADA)) is True  # rooms are separate
+    assert await within(store.snapshot("a", 10)) == (2, [ADA, BOB])
+    assert await within(store.snapshot("b", 10)) == (2, [CAROL, ADA])
+    assert await within(store.remove("a", ADA)) is False
+    assert await within(store.snapshot("a", 10)) == (2, [ADA, BOB])
+    assert await within(store.remove("a", BOB)) is True
+    assert await within(store.remove("a", ADA)) is True
+    assert await within(store.snapshot("a", 10)) == (0, [])
+    assert await within(store.snapshot("b", 10)) == (2, [CAROL, ADA])
+
+
+async def test_limit_keeps_the_exact_count_and_the_first_arrivals(store: PresenceStore) -> None:
+    users = [User(f"u{i}", f"User {i}") for i in range(5)]
+    for user in users:
+        await within(store.add("r", user))
+    await within(store.add("r", users[0]))  # a second connection keeps its place
+    assert await within(store.snapshot("r", 3)) == (5, users[:3])
+    assert await within(store.snapshot("r", 0)) == (5, [])
+    assert await within(store.snapshot("r", 100)) == (5, users)
+    await within(store.remove("r", users[1]))
+    assert await within(store.snapshot("r", 2)) == (4, [users[0], users[2]])
+
+
+async def test_removing_an_unknown_user_or_room(store: PresenceStore) -> None:
+    assert await within(store.remove("nowhere", ADA)) is False
+    await within(store.add("r", ADA))
+    assert await within(store.remove("r", BOB)) is False
+    assert await within(store.snapshot("r", 10)) == (1, [ADA])
+    assert await within(store.snapshot("nowhere", 10)) == (0, [])
+    assert await within(store.remove("r", ADA)) is True
+    assert await within(store.remove("r", ADA)) is False
+
+
+async def test_any_user_id_and_name(store: PresenceStore) -> None:
+    users = [
+        User("a|b", "pipe"),
+        User("a", "prefix of a|b"),
+        User("x:{room}:y", "colons and braces"),
+        User("ünï👋", "Zoë 👋"),
+        User("s" * 300, "long"),
+        User("", "empty id"),
+        User("nameless", ""),
+    ]
+    for user in users:
+        assert await within(store.add("room_1.a-b:c", user)) is True
+    assert await within(store.snapshot("room_1.a-b:c", 100)) == (len(users), users)
+    for user in users:
+        assert await within(store.remove("room_1.a-b:c", user)) is True
+    assert await within(store.snapshot("room_1.a-b:c", 100)) == (0, [])
+
+
+async def test_the_latest_name_is_listed(store: PresenceStore) -> None:
+    await within(store.add("r", ADA))
+    await within(store.add("r", User(ADA.id, "Ada L.")))
+    assert await within(store.snapshot("r", 10)) == (1, [User(ADA.id, "Ada L.")])
+
+
+# --- Redis across workers ------------------------------------------------------
+
+
+async def test_a_user_on_two_workers_is_first_once_and_last_once(workers: Workers) -> None:
+    a, b = await workers.open(), await workers.open()
+    assert a.worker != b.worker
+    assert await within(a.add("r", ADA)) is True
+    assert await within(b.add("r", ADA)) is False
+    assert await within(b.add("r", ADA)) is False
+    for p in (a, b):
+        assert await within(p.snapshot("r", 10)) == (1, [ADA])
+    assert await within(a.remove("r", ADA)) is False
+    assert await within(b.remove("r", ADA)) is False
+    assert await within(a.snapshot("r", 10)) == (1, [ADA])
+    assert await within(b.remove("r", ADA)) is True
+    assert await within(a.snapshot("r", 10)) == (0, [])
+
+
+async def test_snapshots_see_the_users_of_every_worker(workers: Workers) -> None:
+    a, b = await workers.open(), await workers.open()
+    await within(a.add("r", ADA))
+    await within(b.add("r", BOB))
+    await within(a.add("r", CAROL))
+    for p in (a, b):
+        assert await within(p.snapshot("r", 10)) == (3, [ADA, BOB, CAROL])
+        assert await within(p.snapshot("r", 1)) == (3, [ADA])
+    assert await within(b.remove("r", BOB)) is True
+    assert await within(a.snapshot("r", 10)) == (2, [ADA, CAROL])
+
+
+async def test_concurrent_workers_decide_first_and_last_exactly_once(workers: Workers) -> None:
+    ps = [await workers.open() for _ in range(3)]
+    users = [User(f"u{i}", f"U{i}") for i in range(20)]
+    firsts = await within(asyncio.gather(*(p.add("r", u) for u in users for p in ps)))
+    for i in range(len(users)):
+        assert sum(firsts[i * len(ps) : (i + 1) * len(ps)]) == 1
+    online, _ = await within(ps[0].snapshot("r", 0))
+    assert online == len(users)
+    lasts = await within(asyncio.gather(*(p.remove("r", u) for u in users for p in ps)))
+    for i in range(len(users)):
+        assert sum(lasts[i * len(ps) : (i + 1) * len(ps)]) == 1
+    assert await within(ps[1].snapshot("r", 10)) == (0, [])
+    assert await workers.keys() == {f"{workers.prefix}:{{presence}}:lease:{p.worker}" for p in ps}
+
+
+async def test_a_crashed_worker_leaves_snapshots_within_the_ttl(workers: Workers) -> None:
+    ttl = 1.0
+    a, b = await workers.open(), await workers.open(ttl)
+    await within(b.add("r", ADA))
+    await within(b.add("r", BOB))
+    await within(a.add("r", ADA))
+    await within(a.add("other", CAROL))
+    assert (await within(a.snapshot("r", 10)))[0] == 2
+    await crash(b)
+    crashed = time.monotonic()
+    assert await eventually(lambda: a.snapshot("r", 10), lambda s: s[0] == 1) == (1, [ADA])
+    assert time.monotonic() - crashed < ttl + 0.5
+    # The crashed worker's counts are gone: Bob is new again, Ada leaves with a's last.
+    assert await within(a.add("r", BOB)) is True
+    assert await within(a.remove("r", BOB)) is True
+    assert await within(a.remove("r", ADA)) is True
+    # Reaping left no trace of b.
+    assert not [key for key in await workers.keys() if b.worker in key]
+
+
+async def test_a_crash_leaves_no_keys_in_rooms_nobody_looks_at(workers: Workers) -> None:
+    b = await workers.open(0.5)
+    await within(b.add("quiet", ADA))
+    await within(b.add("quiet", BOB))
+    assert await workers.keys()
+    await crash(b)
+    await eventually(workers.keys, lambda keys: not keys)
+
+
+async def test_a_live_worker_stays_past_its_ttl(workers: Workers) -> None:
+    a, b = await workers.open(), await workers.open(0.5)
+    await within(b.add("r", ADA))
+    await within(b.add("r2", BOB))
+    deadline = time.monotonic() + 2.0  # four leases long
+    while time.monotonic() < deadline:
+        assert await within(a.snapshot("r", 10)) == (1, [ADA])
+        assert await within(a.snapshot("r2", 10)) == (1, [BOB])
+        await asyncio.sleep(0.1)
+    assert await within(b.remove("r", ADA)) is True
+
+
+async def test_stop_withdraws_the_worker_and_leaves_no_keys(workers: Workers) -> None:
+    a, b = await workers.open(), await workers.open()
+    for room in ("r1", "r2"):
+        await within(a.add(room, ADA))
+        await within(a.add(room, BOB))
+        await within(b.add(room, BOB))
+    await within(a.add("r3", CAROL))
+    await within(a.stop())  # without removing anything first
+    assert not [key for key in await workers.keys() if a.worker in key]
+    for room in ("r1", "r2"):
+        assert await within(b.snapshot(room, 10)) == (1, [BOB])
+    assert await within(b.snapshot("r3", 10)) == (0, [])
+    await within(b.stop())
+    assert await workers.keys() == set()
+    await within(b.stop())  # twice is harmless
+
+
+async def test_a_lost_lease_and_data_are_restored(workers: Workers) -> None:
+    a = await workers.open(1.0)
+    await within(a.add("r", ADA))
+    await within(a.add("r", ADA))
+    await within(a.add("r", BOB))
+    await within(workers.raw.delete(*await workers.keys()))  # as a Redis restart would
+    assert await eventually(lambda: a.snapshot("r", 10), lambda s: s[0] == 2) == (2, [ADA, BOB])
+    # The counts came back too: Ada has two connections.
+    assert await within(a.remove("r", ADA)) is False
+    assert await within(a.remove("r", ADA)) is True
+    assert await within(a.remove("r", BOB)) is True
+
+
+async def test_an_add_that_finds_its_lease_gone_restores_at_once(workers: Workers) -> None:
+    a, b = await workers.open(), await workers.open()  # renewals only every 10 s
+    await within(a.add("r", ADA))
+    await within(a.add("s", BOB))
+    lease = f"{workers.prefix}:{{presence}}:lease:{a.worker}"
+    await within(workers.raw.delete(lease))
+    assert await within(b.snapshot("r", 10)) == (0, [])  # a is taken for dead
+    await within(a.add("r", CAROL))
+    await eventually(lambda: b.snapshot("s", 10), lambda s: s == (1, [BOB]), within_s=5.0)
+    # Carol arrived before Ada was restored.
+    assert await within(b.snapshot("r", 10)) == (2, [CAROL, ADA])
+    assert await within(workers.raw.exists(lease)) == 1
+
+
+async def test_cancelled_calls_are_repaired(workers: Workers) -> None:
+    a, b = await workers.open(), await workers.open()
+    await within(a.add("r", ADA))
+    await within(workers.raw.client_pause(2000, all=False))  # writes (and scripts) wait
+    try:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(a.remove("r", ADA), 0.2)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(a.add("r", BOB), 0.2)
+    finally:
+        await within(workers.raw.client_unpause())
+    assert len(a) == 0  # a counts no connection any more
+    assert await eventually(lambda: b.snapshot("r", 10), lambda s: s[0] == 0) == (0, [])
+    assert await within(a.add("r", ADA)) is True
+
+
+async def test_a_remove_cancelled_while_a_restore_holds_it_off(workers: Workers) -> None:
+    a, b = await workers.open(), await workers.open()
+    await within(a.add("r", ADA))
+    a._gate.clear()  # as while a resync runs
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(a.remove("r", ADA), 0.2)
+    assert len(a) == 0  # the connection is gone all the same; the next resync says so
+    assert await eventually(lambda: b.snapshot("r", 10), lambda s: s[0] == 0) == (0, [])
+    assert a._gate.is_set()
+
+
+async def test_long_lists_are_read_in_batches(
+    workers: Workers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(presence_redis, "_NAMES_BATCH", 3)
+    a = await workers.open()
+    users = [User(f"u{i}", f"User {i}") for i in range(8)]
+    for user in users:
+        await within(a.add("r", user))
+    assert await within(a.snapshot("r", 7)) == (8, users[:7])
+    assert await within(a.snapshot("r", 100)) == (8, users)
+
+
+def test_url_prefix() -> None:
+    presence = RedisPresence("redis://h:1/2?prefix=app.one&ssl_cert_reqs=none", 30)
+    assert (presence.url, presence.prefix) == ("redis://h:1/2?ssl_cert_reqs=none", "app.one")
+    assert RedisPresence("redis://h", 30).prefix == "roomcast"
+    with pytest.raises(SettingsError, match="prefix"):
+        RedisPresence("redis://h?prefix={x}", 30)
+
+
+async def test_calls_outside_start_and_stop(workers: Workers) -> None:
+    presence = RedisPresence(workers.url, 30)
+    with pytest.raises(ConnectionError, match="not started"):
+        await within(presence.add("r", ADA))
+    await within(presence.stop())  # nothing to stop
+    await within(presence.start())
+    await within(presence.add("r", ADA))
+    await within(presence.stop())
+    # A connection that goes after the stop: nothing left to remove.
+    assert await within(presence.remove("r", ADA)) is False
+    with pytest.raises(ConnectionError, match="not started"):
+        await within(presence.snapshot("r", 10))
+    assert await workers.keys() == set()
