@@ -363,6 +363,16 @@ class Hub:
     async def _store_and_publish(
         self, room: str, build: Callable[[str, int], Envelope], dedupe: str | None
     ) -> Appended:
+        limit = self.transport.max_payload
+        if limit is not None:
+            # Refuse before storing what the broker could not carry (Postgres NOTIFY).
+            size = len(encode(build("~" * 32, 2**53)).encode())
+            if size > limit:
+                raise HubError(
+                    "text_too_long",
+                    f"This message would be a {size}-byte envelope; BROADCAST_URL's broker "
+                    f"carries at most {limit} bytes.",
+                )
         appended = await self.store.append(
             room, lambda epoch, offset: encode(build(epoch, offset)), dedupe
         )

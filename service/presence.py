@@ -75,9 +75,12 @@ class LocalPresence:
 
 
 def open_presence(settings: Settings) -> PresenceStore:
-    """Shared presence when rooms are shared through Redis, else this process's."""
-    if urlparse(settings.broadcast_url).scheme in ("redis", "rediss"):
-        from .presence_redis import RedisPresence
+    """Presence in Redis when several processes share rooms and a Redis is at hand
+    (the broadcast backend or the history store), else this process's."""
+    if settings.shares_rooms_across_processes:
+        for url in (settings.broadcast_url, settings.history_url):
+            if urlparse(url).scheme in ("redis", "rediss"):
+                from .presence_redis import RedisPresence
 
-        return RedisPresence(settings.broadcast_url, settings.presence_ttl)
+                return RedisPresence(url, settings.presence_ttl)
     return LocalPresence()

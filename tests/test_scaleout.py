@@ -9,21 +9,30 @@ from collections.abc import Iterator
 
 import pytest
 
-from .brokers import start_redis
+from .brokers import fresh_database, start_redis
 from .servers import Server, start_server
 from .support import Client, Message, client, get
 
 ROOM = "shared"
 
 
-@pytest.fixture
-def redis_pair(redis_url: str) -> Iterator[tuple[Server, Server]]:
-    """Two servers (as two dynos) sharing one Redis for broadcast and history."""
-    env = {
-        "BROADCAST_URL": f"{redis_url}?prefix=t{uuid.uuid4().hex[:12]}",
-        "RATE_LIMIT": "5000",
-        "PRESENCE_TTL": "2",
-    }
+def shared_env(request: pytest.FixtureRequest, backend: str) -> dict[str, str]:
+    """Settings for servers sharing rooms through `backend` (as two dynos would)."""
+    tag = f"t{uuid.uuid4().hex[:12]}"
+    env = {"RATE_LIMIT": "5000", "PRESENCE_TTL": "2"}
+    redis = f"{request.getfixturevalue('redis_url')}?prefix={tag}"
+    if backend == "redis":
+        env["BROADCAST_URL"] = redis
+    elif backend == "postgres":
+        env["BROADCAST_URL"] = asyncio.run(fresh_database(request.getfixturevalue("postgres_url")))
+    else:  # Kafka carries broadcasts only: history (and presence) in Redis
+        env["BROADCAST_URL"] = request.getfixturevalue("kafka_url")
+        env["HISTORY_URL"] = redis
+    return env
+
+
+@contextlib.contextmanager
+def two_servers(env: dict[str, str]) -> Iterator[tuple[Server, Server]]:
     first = start_server(env)
     try:
         second = start_server(env)
@@ -33,6 +42,19 @@ def redis_pair(redis_url: str) -> Iterator[tuple[Server, Server]]:
             second.terminate()
     finally:
         first.terminate()
+
+
+@pytest.fixture(params=["redis", "postgres", "kafka"])
+def pair(request: pytest.FixtureRequest) -> Iterator[tuple[Server, Server]]:
+    """Two servers sharing one broker, on each broadcast backend."""
+    with two_servers(shared_env(request, request.param)) as servers:
+        yield servers
+
+
+@pytest.fixture
+def redis_pair(request: pytest.FixtureRequest) -> Iterator[tuple[Server, Server]]:
+    with two_servers(shared_env(request, "redis")) as servers:
+        yield servers
 
 
 async def chats_until(conn: Client, last: int, within: float = 20) -> list[Message]:
@@ -46,16 +68,13 @@ async def chats_until(conn: Client, last: int, within: float = 20) -> list[Messa
 
 
 async def test_clients_on_two_servers_share_a_room_with_one_offset_order(
-    redis_pair: tuple[Server, Server],
+    pair: tuple[Server, Server],
 ) -> None:
-    one, two = redis_pair
+    one, two = pair
     async with client(one) as ann, client(two) as bob:
         await ann.join(ROOM)
-        joined = await bob.join(ROOM)
-        # Presence covers both servers.
-        assert joined["online"] == 2
-        assert {u["id"] for u in joined["presence"]} == {ann.user["id"], bob.user["id"]}
-        await ann.recv_type("system", event="join", user=bob.user, online=2)
+        await bob.join(ROOM)
+        await ann.recv_type("system", event="join", user=bob.user)  # across servers
         ack, _ = await ann.chat("from one", room=ROOM)
         got = await chats_until(bob, ack["offset"])
         assert [(c["offset"], c["text"]) for c in got] == [(1, "from one")]
@@ -66,9 +85,9 @@ async def test_clients_on_two_servers_share_a_room_with_one_offset_order(
 
 
 async def test_concurrent_senders_on_both_servers_give_every_client_one_gapless_order(
-    redis_pair: tuple[Server, Server],
+    pair: tuple[Server, Server],
 ) -> None:
-    one, two = redis_pair
+    one, two = pair
     per_sender = 40
 
     async def sender(server: Server, name: str) -> None:
@@ -99,8 +118,8 @@ async def test_concurrent_senders_on_both_servers_give_every_client_one_gapless_
                 assert mine == [f"{name}:{n}" for n in range(per_sender)]
 
 
-async def test_recovery_works_on_the_other_server(redis_pair: tuple[Server, Server]) -> None:
-    one, two = redis_pair
+async def test_recovery_works_on_the_other_server(pair: tuple[Server, Server]) -> None:
+    one, two = pair
     async with client(one) as writer:
         joined = await writer.join(ROOM)
         for n in range(5):
@@ -223,3 +242,34 @@ async def test_a_crashed_servers_users_leave_presence_within_presence_ttl(
                         break
                     await asyncio.sleep(0.2)  # polling presence, bounded by the timeout
             assert [u["id"] for u in frame[-1]["users"]] == [ann.user["id"]]
+
+
+async def test_presence_covers_every_server(redis_pair: tuple[Server, Server]) -> None:
+    one, two = redis_pair
+    async with client(one) as ann, client(two) as bob:
+        await ann.join(ROOM)
+        joined = await bob.join(ROOM)
+        assert joined["online"] == 2
+        assert {u["id"] for u in joined["presence"]} == {ann.user["id"], bob.user["id"]}
+        await ann.recv_type("system", event="join", user=bob.user, online=2)
+
+
+def test_postgres_refuses_an_envelope_over_the_notify_limit_before_storing_it(
+    request: pytest.FixtureRequest,
+) -> None:
+    async def exchange(one: Server, two: Server) -> None:
+        async with client(one) as ann, client(two) as bob:
+            await ann.join(ROOM)
+            await bob.join(ROOM)
+            await ann.recv_type("system")
+            text = "€" * 2700  # 2,700 characters (under MAX_TEXT_CHARS), 8,100 bytes
+            await ann.send({"type": "chat", "room": ROOM, "text": text, "ref": "big"})
+            error = await ann.recv_type("error", code="text_too_long", ref="big")
+            assert "bytes" in error["detail"], error
+            # Nothing was stored: the next chat gets offset 1, and bob sees only it.
+            ack, _ = await ann.chat("small", room=ROOM)
+            assert ack["offset"] == 1
+            assert [c["text"] for c in await chats_until(bob, 1)] == ["small"]
+
+    with two_servers(shared_env(request, "postgres")) as (one, two):
+        asyncio.run(exchange(one, two))
