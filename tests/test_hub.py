@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -234,3 +235,31 @@ async def test_history_lost_under_a_live_room_closes_its_members_with_1012(hub: 
     async with asyncio.timeout(5), ann.arrived:
         await ann.arrived.wait_for(lambda: ann.closed == 1012)
     assert [c["text"] for c in ann.of("chat")] == ["old epoch"]
+
+
+async def test_notify_and_disconnect_a_user_on_another_worker(redis_url: str) -> None:
+    settings = Settings(broadcast_url=f"{redis_url}?prefix=u{uuid.uuid4().hex[:10]}")
+    hubs = [
+        Hub(settings, MemoryStore(settings.history_size, settings.history_ttl), LocalPresence())
+        for _ in range(2)
+    ]
+    for hub in hubs:
+        await hub.start()
+    try:
+        bob_here, bob_there, ann = (
+            Client(hubs[1], "bob"),
+            Client(hubs[1], "bob"),
+            Client(hubs[1], "ann"),
+        )
+        await hubs[0].notify_user("bob", title="Mention", body="from the other worker")
+        for conn in (bob_here, bob_there):
+            (note,) = await conn.wait_for("notification")
+            assert (note["title"], note["room"], note["offset"]) == ("Mention", None, None)
+        await hubs[0].disconnect_user("bob")
+        for conn in (bob_here, bob_there):
+            async with asyncio.timeout(5), conn.arrived:
+                await conn.arrived.wait_for(lambda c=conn: c.closed == 4401)
+        assert ann.closed is None and not ann.of("notification")
+    finally:
+        for hub in hubs:
+            await hub.stop()
