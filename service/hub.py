@@ -10,6 +10,7 @@ member; nothing in the fan-out awaits a client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -268,16 +269,22 @@ class Hub:
         try:
             try:
                 first = await self.presence.add(name, conn.user)
+            except Exception as exc:
+                log.warning("presence in %s unavailable: %r", name, exc)
+                raise HubError("internal", "Presence is unavailable: retry.") from exc
+            try:
                 online, users = await self.presence.snapshot(name, settings.presence_list_max)
                 page, ok = await self._read_for_join(room, since, history)
-            except HubError:
+                if conn.closing:
+                    raise HubError("internal", "The connection closed during the join.")
+            except BaseException as exc:
+                # Nothing was joined: give back the presence counted above.
+                with contextlib.suppress(Exception):
+                    await self._forget_presence(name, conn.user)
+                if isinstance(exc, Exception) and not isinstance(exc, HubError):
+                    log.warning("join of %s failed: %r", name, exc)
+                    raise HubError("internal", "History is unavailable: retry.") from exc
                 raise
-            except Exception as exc:
-                log.warning("join of %s failed: %r", name, exc)
-                raise HubError("internal", "History or presence is unavailable: retry.") from exc
-            if conn.closing:
-                await self._forget_presence(name, conn.user)
-                return
             # From here to the end of the block nothing awaits: the joined frame
             # and the catch-up land in the outbox before any later fan-out.
             cursor = page.top
