@@ -23,10 +23,8 @@ the consumer knows where it starts reading, and waits forever in
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import parse_qs, urlparse
@@ -40,6 +38,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-
 from aiokafka.errors import TopicAlreadyExistsError, for_code  # type: ignore[import-untyped]
 from broadcaster import Event
 from broadcaster._backends.base import BroadcastBackend
+
+from .turns import Turns
 
 log = logging.getLogger("roomcast.backend.kafka")
 
@@ -100,27 +100,6 @@ def channel_name(topic: str) -> str:
 # --- the backend -----------------------------------------------------------------
 
 
-class _Turns:
-    """First come, first served, per key: publishes to one topic keep their call order."""
-
-    def __init__(self) -> None:
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
-
-    @contextlib.asynccontextmanager
-    async def turn(self, key: str) -> AsyncIterator[None]:
-        lock, waiting = self._locks.get(key, (asyncio.Lock(), 0))
-        self._locks[key] = (lock, waiting + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, waiting = self._locks[key]
-            if waiting == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, waiting - 1)
-
-
 @dataclass(eq=False)
 class _Session:
     """One connect(): the clients, what they have set up, and whether the broker is gone."""
@@ -133,7 +112,7 @@ class _Session:
     created: set[str] = field(default_factory=set)  # known to exist
     assigning: asyncio.Lock = field(default_factory=asyncio.Lock)
     creating: asyncio.Lock = field(default_factory=asyncio.Lock)
-    turns: _Turns = field(default_factory=_Turns)
+    turns: Turns = field(default_factory=Turns)
     received: deque[Event] = field(default_factory=deque)
     lost: ConnectionError | None = None
     watchdog: asyncio.Task[None] | None = None

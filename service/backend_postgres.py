@@ -20,9 +20,7 @@ error on payloads of 8000 bytes, and never notices a lost connection: its
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import urlparse
@@ -30,6 +28,8 @@ from urllib.parse import urlparse
 import asyncpg  # type: ignore[import-untyped]
 from broadcaster import Event
 from broadcaster._backends.base import BroadcastBackend
+
+from .turns import Turns
 
 log = logging.getLogger("roomcast.backend.postgres")
 
@@ -99,27 +99,6 @@ def channel_name(pg_name: str) -> str:
 # --- the backend -----------------------------------------------------------------
 
 
-class _Turns:
-    """First come, first served, per key: publishes to one channel keep their call order."""
-
-    def __init__(self) -> None:
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
-
-    @contextlib.asynccontextmanager
-    async def turn(self, key: str) -> AsyncIterator[None]:
-        lock, waiting = self._locks.get(key, (asyncio.Lock(), 0))
-        self._locks[key] = (lock, waiting + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, waiting = self._locks[key]
-            if waiting == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, waiting - 1)
-
-
 @dataclass(eq=False)
 class _Session:
     """One connect(): its connections, its queue and its callbacks."""
@@ -130,7 +109,7 @@ class _Session:
     # asyncpg runs one operation at a time per connection: LISTEN, UNLISTEN and
     # the keepalive take turns on the listener.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    turns: _Turns = field(default_factory=_Turns)
+    turns: Turns = field(default_factory=Turns)
     keepalive: asyncio.Task[None] | None = None
 
     def on_notification(self, _conn: Any, _pid: int, pg_name: str, payload: str) -> None:

@@ -509,16 +509,11 @@ class Hub:
         try:
             await asyncio.sleep(GAP_GRACE)  # usually the missing frame arrives meanwhile
             while room.held and self.rooms.get(room.name) is room:
-                page = await self.store.since(room.name, room.newest)
-                if page.epoch != room.epoch or not page.complete:
-                    self._new_epoch(room, page.epoch, page.top)
-                    break
-                for frame in page.entries:
-                    self._fan_out(room, frame)
+                progressed = await self._replay_missed(room)
                 for offset in [o for o in room.held if o <= room.newest]:
                     del room.held[offset]
-                if room.held and not page.entries:
-                    break  # the store has nothing newer: the held frames wait for the next gap
+                if not progressed:
+                    break  # nothing newer stored: the held frames wait for the next gap
         except Exception as exc:
             log.warning("filling a gap in room %s failed: %r", room.name, exc)
             self._new_epoch(room, room.epoch, room.newest)
@@ -540,12 +535,18 @@ class Hub:
     async def _catch_up(self) -> None:
         """After the broker was lost: deliver from history what it did not."""
         for room in list(self.rooms.values()):
-            page = await self.store.since(room.name, room.newest)
-            if page.epoch != room.epoch or not page.complete:
-                self._new_epoch(room, page.epoch, page.top)
-                continue
-            for frame in page.entries:
-                self._fan_out(room, frame)
+            await self._replay_missed(room)
+
+    async def _replay_missed(self, room: Room) -> bool:
+        """Deliver from history what the room's members have not had yet; False
+        when there was nothing, or that history is gone (they then reconnect)."""
+        page = await self.store.since(room.name, room.newest)
+        if page.epoch != room.epoch or not page.complete:
+            self._new_epoch(room, page.epoch, page.top)
+            return False
+        for frame in page.entries:
+            self._fan_out(room, frame)
+        return bool(page.entries)
 
     def _deliver_to_user(self, delivery: _UserDelivery) -> None:
         for conn in list(self.users.get(delivery.user, ())):
