@@ -1,4 +1,4 @@
-"""`roomcast` commands: serve (uvicorn configured from the settings) and schema."""
+"""`roomcast` commands: serve (uvicorn configured from the settings), schema and token."""
 
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ import copy
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
+from pathlib import Path
+from urllib.parse import unquote_plus
 
 from .settings import Settings, SettingsError
 
@@ -108,20 +111,74 @@ def _check_backends(settings: Settings) -> None:
     asyncio.run(probe())
 
 
+# A query parameter of a logged path: `?token=…` must never reach a log.
+_QUERY_PARAM = re.compile(r"([?&;])([^=&;\s\"#]+)=([^&;\s\"#]*)")
+REDACTED = "[redacted]"
+
+
+def redact_tokens(text: str) -> str:
+    """`text` with the value of every `token` query parameter replaced by [redacted]."""
+    if "=" not in text:
+        return text
+
+    def hide(match: re.Match[str]) -> str:
+        if unquote_plus(match.group(2)).lower() != "token":
+            return match.group(0)
+        return f"{match.group(1)}{match.group(2)}={REDACTED}"
+
+    return _QUERY_PARAM.sub(hide, text)
+
+
+class RedactTokens(logging.Filter):
+    """Redacts `token=…` from a record's message and arguments.
+
+    uvicorn logs the path with its query string: HTTP requests on
+    `uvicorn.access`, WebSocket handshakes on `uvicorn.error`.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = redact_tokens(record.msg)
+        args = record.args
+        if isinstance(args, tuple):
+            record.args = tuple(redact_tokens(a) if isinstance(a, str) else a for a in args)
+        elif isinstance(args, dict):
+            record.args = {
+                k: redact_tokens(v) if isinstance(v, str) else v for k, v in args.items()
+            }
+        return True
+
+
+def log_config() -> dict[str, object]:
+    """uvicorn's logging config, plus the roomcast logger and the token filter."""
+    import uvicorn.config
+
+    config: dict[str, object] = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    loggers = config["loggers"]
+    handlers = config["handlers"]
+    assert isinstance(loggers, dict) and isinstance(handlers, dict)
+    config["filters"] = {"redact_tokens": {"()": "service.cli.RedactTokens"}}
+    # Not propagated: `main`'s basicConfig on the root logger would print each line twice.
+    loggers["roomcast"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    # On the loggers that print paths, and on the handlers for any other record.
+    for name in ("uvicorn.access", "uvicorn.error"):
+        loggers[name] = {**loggers.get(name, {}), "filters": ["redact_tokens"]}
+    for handler in handlers.values():
+        handler["filters"] = ["redact_tokens"]
+    return config
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
-    import uvicorn.config
 
     settings = _settings_from(args)
     workers = _workers(args, settings)
     _check_backends(settings)
-    # uvicorn applies its log config in every worker process; ours rides along.
-    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
-    log_config["loggers"]["roomcast"] = {"handlers": ["default"], "level": "INFO"}
     uvicorn.run(
         "service.app:create_app",
         factory=True,
-        log_config=log_config,
+        # uvicorn applies its log config in every worker process; ours rides along.
+        log_config=log_config(),
         host=args.host,
         port=settings.port,
         workers=workers,
@@ -145,6 +202,50 @@ def print_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _token_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    token = sub.add_parser(
+        "token",
+        help="mint an HS256 token for JWT_SECRET (for testing, or as a backend would)",
+        description="Print an HS256 token that this server accepts when JWT_SECRET is set.",
+    )
+    token.add_argument("--sub", required=True, help="the user's id (`sub`)")
+    token.add_argument("--name", default=None, help="the user's display name (`name`)")
+    token.add_argument(
+        "--rooms",
+        default=None,
+        help="comma-separated room names or * patterns the token permits, e.g. 'lobby,team-*' "
+        "(default: every room)",
+    )
+    token.add_argument("--ttl", type=int, default=3600, help="seconds until `exp` (default 3600)")
+    token.add_argument("--secret", default=None, help="the HS256 secret (default: $JWT_SECRET)")
+    token.set_defaults(run=print_token)
+
+
+def print_token(args: argparse.Namespace) -> int:
+    from .auth import PATTERN_RULE, is_room_pattern, mint_token
+
+    secret = args.secret
+    if secret is None:
+        from starlette.config import Config
+
+        env_file = ".env" if Path(".env").is_file() else None
+        secret = Config(env_file)("JWT_SECRET", default=None)
+    if not secret:
+        raise SettingsError("no secret: set JWT_SECRET or pass --secret.")
+    if not args.sub.strip():
+        raise SettingsError("--sub must not be blank.")
+    if args.ttl < 1:
+        raise SettingsError(f"--ttl {args.ttl} is invalid: it must be at least 1 second.")
+    rooms: list[str] | None = None
+    if args.rooms is not None:
+        rooms = [r.strip() for r in args.rooms.split(",") if r.strip()]
+        bad = [r for r in rooms if not is_room_pattern(r)]
+        if bad:
+            raise SettingsError(f"--rooms {bad[0]!r} is invalid: give {PATTERN_RULE}.")
+    print(mint_token(secret, args.sub, name=args.name, rooms=rooms, ttl=args.ttl))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="roomcast", description=__doc__)
@@ -154,6 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run=print_schema
     )
     sub.choices["serve"].set_defaults(run=serve)
+    _token_parser(sub)
     args = parser.parse_args(argv)
     try:
         code = int(args.run(args))

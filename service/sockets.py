@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -18,7 +19,14 @@ import msgspec
 from starlette.endpoints import WebSocketEndpoint
 from starlette.websockets import WebSocket
 
-from .auth import anonymous_user
+from .auth import (
+    Unauthorized,
+    anonymous_user,
+    origin_allowed,
+    room_permitted,
+    token_from,
+    verify_token,
+)
 from .connection import Connection
 from .envelopes import (
     SUBPROTOCOL,
@@ -70,6 +78,11 @@ class RoomSocket(WebSocketEndpoint):
     context: ClassVar[SocketContext]
     conn: Connection | None = None
     room: str | None = None  # the room of `/ws/{room}`
+    # With JWT_SECRET: the rooms the token permits (None: any) and its `exp`,
+    # with the timer that closes the connection with 4401 then.
+    permitted: tuple[str, ...] | None = None
+    token_expires: int | None = None
+    _expiry: asyncio.TimerHandle | None = None
 
     @property
     def hub(self) -> Hub:
@@ -79,9 +92,9 @@ class RoomSocket(WebSocketEndpoint):
 
     async def on_connect(self, websocket: WebSocket) -> None:
         settings, hub = self.context.settings, self.context.hub
-        subprotocol = (
-            SUBPROTOCOL if SUBPROTOCOL in websocket.scope.get("subprotocols", ()) else None
-        )
+        offered: list[str] = list(websocket.scope.get("subprotocols", ()))
+        # Never the token's subprotocol: the handshake's answer would echo it.
+        subprotocol = SUBPROTOCOL if SUBPROTOCOL in offered else None
         self.room = websocket.path_params.get("room")
         if len(hub.connections) >= settings.max_connections:
             return await self._refuse(
@@ -92,6 +105,17 @@ class RoomSocket(WebSocketEndpoint):
                 f"This server holds its maximum of {settings.max_connections} connections "
                 "(MAX_CONNECTIONS): retry later with backoff.",
             )
+        origin = websocket.headers.get("origin")
+        if not origin_allowed(origin, settings.allowed_origins):
+            log.info("refused a connection from origin %r (ALLOWED_ORIGINS)", origin)
+            return await self._refuse(
+                websocket,
+                subprotocol,
+                Close.FORBIDDEN,
+                "origin_not_allowed",
+                f"Pages from {origin!r} may not connect here: the server's ALLOWED_ORIGINS "
+                "does not list it.",
+            )
         if self.room is not None and not is_room_name(self.room):
             return await self._refuse(
                 websocket,
@@ -101,7 +125,33 @@ class RoomSocket(WebSocketEndpoint):
                 f"{ROOM_RULE}; got {self.room!r}.",
             )
         query = websocket.query_params
-        user = anonymous_user(query.get("client"), query.get("username"), settings.max_name_chars)
+        if settings.jwt_secret is None:
+            user = anonymous_user(
+                query.get("client"), query.get("username"), settings.max_name_chars
+            )
+        else:
+            try:
+                grant = verify_token(
+                    token_from(query.get("token"), offered),
+                    str(settings.jwt_secret),
+                    settings.max_name_chars,
+                )
+            except Unauthorized as exc:
+                log.info("refused a connection: %s", exc.detail)
+                return await self._refuse(
+                    websocket, subprotocol, Close.UNAUTHORIZED, "unauthorized", exc.detail
+                )
+            if self.room is not None and not grant.permits(self.room):
+                log.info("refused user %r the room %r: not in its token", grant.user.id, self.room)
+                return await self._refuse(
+                    websocket,
+                    subprotocol,
+                    Close.FORBIDDEN,
+                    "forbidden",
+                    f"Your token does not permit room {self.room!r}.",
+                )
+            user = grant.user
+            self.permitted, self.token_expires = grant.rooms, grant.expires
         conn = Connection(
             secrets.token_hex(8),
             user,
@@ -117,8 +167,32 @@ class RoomSocket(WebSocketEndpoint):
         await websocket.accept(subprotocol=subprotocol)
         conn.push(encode(Welcome(conn=conn.id, user=user, heartbeat=settings.heartbeat_seconds)))
         conn.start()
+        self._schedule_expiry()
         if self.room is not None:
             await self._auto_join(conn, self.room, query.get("since"), query.get("history"))
+
+    def _schedule_expiry(self) -> None:
+        """(Re)arm the timer that closes the connection at its token's `exp`."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        if self.token_expires is not None:
+            loop = asyncio.get_running_loop()
+            at = loop.time() + (self.token_expires - time.time())
+            self._expiry = loop.call_at(at, self._expire)
+
+    def _expire(self) -> None:
+        self._expiry = None
+        conn = self.conn
+        if conn is None or conn.closing:
+            return
+        log.info("closing %s of user %r: its token expired", conn.id, conn.user.id)
+        self._error(
+            "unauthorized",
+            "The token expired: send `refresh` with a new token before `exp`, "
+            "or reconnect with one.",
+        )
+        conn.close_after_queued(Close.UNAUTHORIZED)
 
     async def _refuse(
         self,
@@ -235,6 +309,8 @@ class RoomSocket(WebSocketEndpoint):
 
     async def on_join(self, message: Join) -> None:
         assert self.conn is not None
+        if not room_permitted(message.room, self.permitted):
+            raise HubError("forbidden", f"Your token does not permit room {message.room!r}.")
         await self.hub.join(
             self.conn, message.room, since=message.since, history=message.history, ref=message.ref
         )
@@ -268,7 +344,35 @@ class RoomSocket(WebSocketEndpoint):
         self.reply(await self.hub.snapshot(message.room, message.ref))
 
     async def on_refresh(self, message: Refresh) -> None:
-        """Anonymous mode has no token to extend."""
+        """A new token for the same user: its `exp` and `rooms` replace the old ones.
+
+        Rooms the new token no longer permits are left (`left`). An invalid
+        token, or one for another `sub`, closes the connection with 4401.
+        Anonymous mode has no token to extend.
+        """
+        conn = self.conn
+        settings = self.context.settings
+        assert conn is not None
+        if settings.jwt_secret is None:
+            return
+        try:
+            grant = verify_token(message.token, str(settings.jwt_secret), settings.max_name_chars)
+            if grant.user.id != conn.user.id:
+                raise Unauthorized(
+                    "The refreshed token is for another user (`sub`): reconnect with it instead."
+                )
+        except Unauthorized as exc:
+            log.info(
+                "closing %s of user %r: refresh refused: %s", conn.id, conn.user.id, exc.detail
+            )
+            self._error("unauthorized", exc.detail, ref=message.ref)
+            conn.close_after_queued(Close.UNAUTHORIZED)
+            return
+        self.permitted, self.token_expires = grant.rooms, grant.expires
+        self._schedule_expiry()
+        for room in sorted(conn.rooms):
+            if not grant.permits(room):
+                await self.hub.leave(conn, room, message.ref)
 
     async def on_ping(self, message: Ping) -> None:
         self.reply(Pong(ref=message.ref))
@@ -281,6 +385,9 @@ class RoomSocket(WebSocketEndpoint):
     # --- disconnect ------------------------------------------------------
 
     async def on_disconnect(self, websocket: WebSocket, close_code: int) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         if self.conn is not None:
             await self.hub.detach(self.conn)
 
