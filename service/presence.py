@@ -76,11 +76,18 @@ class LocalPresence:
 
 def open_presence(settings: Settings) -> PresenceStore:
     """Presence in Redis when several processes share rooms and a Redis is at hand
-    (the broadcast backend or the history store), else this process's."""
+    (the broadcast backend or the history store), else in PostgreSQL when one is,
+    else this process's."""
     if settings.shares_rooms_across_processes:
-        for url in (settings.broadcast_url, settings.history_url):
+        urls = (settings.broadcast_url, settings.history_url)
+        for url in urls:
             if urlparse(url).scheme in ("redis", "rediss"):
                 from .presence_redis import RedisPresence
 
                 return RedisPresence(url, settings.presence_ttl)
+        for url in urls:
+            if urlparse(url).scheme in ("postgres", "postgresql"):
+                from .presence_postgres import PostgresPresence
+
+                return PostgresPresence(url, settings.presence_ttl)
     return LocalPresence()
