@@ -223,9 +223,9 @@ def test_serve_runs_several_workers_on_a_shared_backend(redis_url: str) -> None:
 
 
 async def test_a_crashed_servers_users_leave_presence_within_presence_ttl(
-    redis_pair: tuple[Server, Server],
+    pair: tuple[Server, Server],
 ) -> None:
-    one, two = redis_pair
+    one, two = pair
     async with client(one) as ann:
         await ann.join(ROOM)
         async with client(two) as bob:
@@ -244,8 +244,8 @@ async def test_a_crashed_servers_users_leave_presence_within_presence_ttl(
             assert [u["id"] for u in frame[-1]["users"]] == [ann.user["id"]]
 
 
-async def test_presence_covers_every_server(redis_pair: tuple[Server, Server]) -> None:
-    one, two = redis_pair
+async def test_presence_covers_every_server(pair: tuple[Server, Server]) -> None:
+    one, two = pair
     async with client(one) as ann, client(two) as bob:
         await ann.join(ROOM)
         joined = await bob.join(ROOM)
