@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -24,15 +24,10 @@ from service.history import Appended, Build, HistoryStore, MemoryStore, Page, op
 from service.settings import Settings, SettingsError
 
 from .brokers import fresh_database
+from .waiting import eventually, within
 
-T = TypeVar("T")
-TIMEOUT = 10.0
 USER = User("u1", "Ada")
 STORES = ["memory", "sqlite", "redis", "postgres"]
-
-
-async def within(awaitable: Awaitable[T], timeout: float = TIMEOUT) -> T:
-    return await asyncio.wait_for(awaitable, timeout)
 
 
 def chat(room: str, text: str = "hi", calls: list[tuple[str, int]] | None = None) -> Build:
@@ -119,20 +114,6 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         b = Backend(name, url, _lose_postgres)
     yield b
     await b.close_all()
-
-
-async def eventually(
-    probe: Callable[[], Awaitable[T]], done: Callable[[T], bool], within_s: float = TIMEOUT
-) -> T:
-    """Poll `probe` until `done` holds, or fail at the deadline."""
-    deadline = time.monotonic() + within_s
-    while True:
-        value = await within(probe())
-        if done(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never reached the expected state: last {value!r}")
-        await asyncio.sleep(0.05)
 
 
 # --- the contract --------------------------------------------------------------

@@ -12,8 +12,7 @@ import asyncio
 import secrets
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -27,28 +26,9 @@ from service.presence_redis import RedisPresence
 from service.settings import Settings, SettingsError
 
 from .brokers import start_postgres
+from .waiting import eventually, within
 
-T = TypeVar("T")
-TIMEOUT = 10.0
 ADA, BOB, CAROL = User("u-ada", "Ada"), User("u-bob", "Bob"), User("u-carol", "Carol")
-
-
-async def within(awaitable: Awaitable[T], timeout: float = TIMEOUT) -> T:
-    return await asyncio.wait_for(awaitable, timeout)
-
-
-async def eventually(
-    probe: Callable[[], Awaitable[T]], done: Callable[[T], bool], within_s: float = TIMEOUT
-) -> T:
-    """Poll `probe` until `done` holds, or fail at the deadline."""
-    deadline = time.monotonic() + within_s
-    while True:
-        value = await within(probe())
-        if done(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never reached the expected state: last {value!r}")
-        await asyncio.sleep(0.05)
 
 
 class Workers:
