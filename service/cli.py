@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import copy
 import json
 import logging
 import os
 import re
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import fields
 from pathlib import Path
 from urllib.parse import unquote_plus
@@ -168,29 +170,52 @@ def log_config() -> dict[str, object]:
     return config
 
 
+@contextlib.contextmanager
+def _metrics_dir(workers: int) -> Iterator[None]:
+    """prometheus-client's multiprocess mode for several workers: a fresh
+    PROMETHEUS_MULTIPROC_DIR, set before uvicorn spawns them (they inherit it)
+    and removed when they are done. A directory the operator chose is kept,
+    less what earlier runs left in it."""
+    from .metrics import MULTIPROC_ENV, clear_stale_files
+
+    given = os.environ.get(MULTIPROC_ENV)
+    if given or workers == 1:  # one process: its own registry is the whole truth
+        if given:
+            clear_stale_files(given)
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="roomcast-metrics-") as fresh:
+        os.environ[MULTIPROC_ENV] = fresh
+        try:
+            yield
+        finally:
+            del os.environ[MULTIPROC_ENV]
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     settings = _settings_from(args)
     workers = _workers(args, settings)
     _check_backends(settings)
-    uvicorn.run(
-        "service.app:create_app",
-        factory=True,
-        # uvicorn applies its log config in every worker process; ours rides along.
-        log_config=log_config(),
-        host=args.host,
-        port=settings.port,
-        workers=workers,
-        log_level=args.log_level,
-        ws_max_size=settings.max_message_bytes,
-        ws_ping_interval=settings.heartbeat_seconds,
-        ws_ping_timeout=settings.heartbeat_seconds,
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
-        proxy_headers=True,
-        forwarded_allow_ips="*",
-        server_header=False,
-    )
+    with _metrics_dir(workers):
+        uvicorn.run(
+            "service.app:create_app",
+            factory=True,
+            # uvicorn applies its log config in every worker process; ours rides along.
+            log_config=log_config(),
+            host=args.host,
+            port=settings.port,
+            workers=workers,
+            log_level=args.log_level,
+            ws_max_size=settings.max_message_bytes,
+            ws_ping_interval=settings.heartbeat_seconds,
+            ws_ping_timeout=settings.heartbeat_seconds,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+            proxy_headers=True,
+            forwarded_allow_ips="*",
+            server_header=False,
+        )
     return 0
 
 

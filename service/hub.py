@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import Any, Final
 
 import msgspec
 
+from . import metrics
 from .connection import Connection
 from .envelopes import (
     Chat,
@@ -188,10 +190,12 @@ class Hub:
 
     def attach(self, conn: Connection) -> None:
         self.connections.add(conn)
+        metrics.CONNECTIONS.inc()
         self.users.setdefault(conn.user.id, set()).add(conn)
 
     def on_overflow(self, conn: Connection) -> None:
         log.info("slow consumer %s closed with 4408", conn.id)
+        metrics.SLOW_CONSUMERS.inc()
         self.spawn(conn.drop(Close.SLOW_CONSUMER))
 
     async def detach(self, conn: Connection) -> None:
@@ -201,6 +205,8 @@ class Hub:
         cancelled clean-up leaves no membership behind.
         """
         conn.stop()
+        if conn in self.connections:
+            metrics.CONNECTIONS.dec()
         self.connections.discard(conn)
         mine = self.users.get(conn.user.id)
         if mine is not None:
@@ -222,6 +228,7 @@ class Hub:
         room = self.rooms.get(name)
         if room is None:
             room = self.rooms[name] = Room(name, self.transport.subscribe(room_channel(name)))
+            metrics.ROOMS.inc()
         room.pending += 1
         try:
             # Shielded: a joiner that goes away must not cancel the subscription for others.
@@ -230,12 +237,14 @@ class Hub:
             room.pending -= 1
             if room.ready.done() and self.rooms.get(name) is room:
                 del self.rooms[name]
+                metrics.ROOMS.dec()
             raise
         return room
 
     def _release(self, room: Room) -> None:
         if room.empty and self.rooms.get(room.name) is room:
             del self.rooms[room.name]
+            metrics.ROOMS.dec()
             self.transport.unsubscribe(room.channel)
 
     async def join(
@@ -302,6 +311,7 @@ class Hub:
             else:
                 room.live.add(conn)
             conn.rooms.add(name)
+            metrics.JOINS.inc()
         finally:
             room.pending -= 1
             self._release(room)
@@ -385,6 +395,7 @@ class Hub:
         )
         if not appended.duplicate:
             await self.transport.publish(room_channel(room), appended.data)
+            metrics.PUBLISHED.inc()
         return appended
 
     async def chat(self, user: User, room: str, text: str, ref: str | None = None) -> Appended:
@@ -462,7 +473,9 @@ class Hub:
         if channel.startswith(ROOM_PREFIX):
             room = self.rooms.get(channel[len(ROOM_PREFIX) :])
             if room is not None:
+                started = time.perf_counter()
                 self._fan_out(room, text)
+                metrics.FANOUT_SECONDS.observe(time.perf_counter() - started)
         elif channel == CONTROL_CHANNEL:
             self._deliver_to_user(_control_decoder.decode(text))
 
@@ -471,9 +484,12 @@ class Hub:
         offset = position.offset
         if offset is None:
             skip = _system_decoder.decode(text).user.id if text.startswith(_SYSTEM_PREFIX) else None
+            pushed = 0
             for conn in room.members:
                 if conn.user.id != skip:
                     conn.push(text)
+                    pushed += 1
+            metrics.DELIVERIES.inc(pushed)
             return
         if position.epoch != room.epoch:
             self._new_epoch(room, position.epoch, offset - 1)
@@ -502,6 +518,7 @@ class Hub:
                 if offset > cursor:
                     del joining[conn]
                     room.live.add(conn)
+        metrics.DELIVERIES.inc(len(room.live))
         for conn in room.live:
             conn.push(text)
 
@@ -549,7 +566,10 @@ class Hub:
         return bool(page.entries)
 
     def _deliver_to_user(self, delivery: _UserDelivery) -> None:
-        for conn in list(self.users.get(delivery.user, ())):
+        conns = list(self.users.get(delivery.user, ()))
+        if delivery.frame is not None:
+            metrics.DELIVERIES.inc(len(conns))
+        for conn in conns:
             if delivery.frame is not None:
                 conn.push(delivery.frame)
             if delivery.close is not None:

@@ -1,14 +1,16 @@
-"""HTTP routes that are not the API: the chat page, health, readiness, schema."""
+"""HTTP routes that are not the API: the chat page, health, readiness, schema, metrics."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.templating import Jinja2Templates
 
+from . import metrics
 from .envelopes import PROTOCOL_VERSION, SUBPROTOCOL
 from .hub import Hub
 from .settings import Settings
@@ -65,9 +67,17 @@ def page_routes(
     async def schema_json(request: Request) -> Response:
         return JSONResponse(schema_document)
 
+    async def prometheus(request: Request) -> Response:
+        # In a thread: with several workers, the exposition reads their files.
+        body, content_type = await run_in_threadpool(
+            metrics.exposition, request.headers.get("accept")
+        )
+        return Response(body, media_type=content_type)
+
     return [
         Route("/", index, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/schema.json", schema_json, methods=["GET"]),
+        Route("/metrics", prometheus, methods=["GET"]),
     ]

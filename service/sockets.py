@@ -19,6 +19,7 @@ import msgspec
 from starlette.endpoints import WebSocketEndpoint
 from starlette.websockets import WebSocket
 
+from . import metrics
 from .auth import (
     Unauthorized,
     anonymous_user,
@@ -205,6 +206,7 @@ class RoomSocket(WebSocketEndpoint):
         # A browser cannot read a refused handshake's status: accept, explain, close.
         await websocket.accept(subprotocol=subprotocol)
         await websocket.send_text(encode(Error(code=error, detail=detail)))
+        metrics.error_sent(error)
         await websocket.close(code)
 
     async def _auto_join(
@@ -240,6 +242,7 @@ class RoomSocket(WebSocketEndpoint):
         settings = self.context.settings
         verdict = conn.limiter.check(asyncio.get_running_loop().time())
         if verdict != Verdict.OK:
+            metrics.RATE_LIMITED.inc()
             self._error(
                 "rate_limited",
                 f"Slow down: at most {settings.rate_limit} frames per second (RATE_LIMIT).",
@@ -249,9 +252,11 @@ class RoomSocket(WebSocketEndpoint):
                 conn.close_after_queued(Close.TOO_MANY)
             return
         if type(data) is not str:
+            metrics.IN_OTHER.inc()
             return self._bad("unsupported_frame", "Binary frames are not supported: send text.")
         limit = settings.max_message_bytes
         if len(data) > limit or (len(data) * 4 > limit and len(data.encode()) > limit):
+            metrics.IN_OTHER.inc()
             conn.close_after_queued(Close.TOO_BIG)
             return
         if self.room is not None and not data.lstrip().startswith("{"):
@@ -260,12 +265,15 @@ class RoomSocket(WebSocketEndpoint):
             try:
                 message = self.context.codec.decode(data)
             except msgspec.ValidationError as exc:
+                metrics.IN_OTHER.inc()
                 return self._invalid(data, str(exc))
             except msgspec.DecodeError as exc:
+                metrics.IN_OTHER.inc()
                 return self._bad("invalid_json", f"The frame is not valid JSON: {exc}.")
         if self.room is not None and type(message) is SendChat and message.room is None:
             message.room = self.room
         conn.bad_frames.good()
+        metrics.received(type(message))
         handler = self.context.handlers.get(type(message))
         if handler is None:  # a registered type without a handler is a wiring mistake
             return self._error("internal", f"No handler for {type(message).__name__}.")
@@ -298,6 +306,7 @@ class RoomSocket(WebSocketEndpoint):
         self, code: ErrorCode, detail: str, ref: str | None = None, room: str | None = None
     ) -> None:
         if self.conn is not None:
+            metrics.error_sent(code)
             self.conn.push(encode(Error(code=code, detail=detail, ref=ref, room=room)))
 
     def reply(self, envelope: Envelope) -> None:

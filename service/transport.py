@@ -19,6 +19,8 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
+from . import metrics
+
 if TYPE_CHECKING:
     from broadcaster._backends.base import BroadcastBackend
 
@@ -135,6 +137,7 @@ class Transport:
                 continue
             self.connected = True
             self.reconnects += 1
+            metrics.BROKER_RECONNECTS.inc()
             log.info("broadcast backend reconnected")
             if self.on_reconnect is not None:
                 try:
