@@ -39,6 +39,7 @@ from aiokafka.errors import TopicAlreadyExistsError, for_code  # type: ignore[im
 from broadcaster import Event
 from broadcaster._backends.base import BroadcastBackend
 
+from .settings import safe_url
 from .turns import Turns
 
 log = logging.getLogger("roomcast.backend.kafka")
@@ -130,7 +131,9 @@ class KafkaBackend(BroadcastBackend):
     ) -> None:
         parsed = urlparse(url)
         if parsed.scheme != "kafka" or not parsed.netloc:
-            raise ValueError(f"BROADCAST_URL={url!r}: expected kafka://host:port[,host:port...]")
+            raise ValueError(
+                f"BROADCAST_URL={safe_url(url)!r}: expected kafka://host:port[,host:port...]"
+            )
         self.servers = [
             server if ":" in server else f"{server}:{DEFAULT_PORT}"
             for server in parsed.netloc.split(",")
@@ -140,7 +143,7 @@ class KafkaBackend(BroadcastBackend):
             self.replication_factor = int(query.get("replication_factor", ["1"])[-1])
         except ValueError:
             raise ValueError(
-                f"BROADCAST_URL={url!r}: replication_factor must be an integer"
+                f"BROADCAST_URL={safe_url(url)!r}: replication_factor must be an integer"
             ) from None
         self.timeout = timeout
         self.health_interval = health_interval

@@ -29,6 +29,7 @@ import asyncpg  # type: ignore[import-untyped]
 from broadcaster import Event
 from broadcaster._backends.base import BroadcastBackend
 
+from .settings import safe_url
 from .turns import Turns
 
 log = logging.getLogger("roomcast.backend.postgres")
@@ -134,7 +135,9 @@ class PostgresBackend(BroadcastBackend):
         keepalive: float = 5.0,
     ) -> None:
         if urlparse(url).scheme not in ("postgres", "postgresql"):
-            raise ValueError(f"BROADCAST_URL={url!r}: expected postgres:// or postgresql://")
+            raise ValueError(
+                f"BROADCAST_URL={safe_url(url)!r}: expected postgres:// or postgresql://"
+            )
         self.url = url
         self.pool_size = pool_size
         self.timeout = timeout

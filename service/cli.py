@@ -17,7 +17,7 @@ from dataclasses import fields
 from pathlib import Path
 from urllib.parse import unquote_plus
 
-from .settings import Settings, SettingsError
+from .settings import Settings, SettingsError, safe_url
 
 log = logging.getLogger("roomcast")
 
@@ -72,8 +72,8 @@ def _workers(args: argparse.Namespace, settings: Settings) -> int:
         )
     elif not settings.shares_history_across_processes:
         reason = (
-            f"HISTORY_URL={settings.history_url!r} is local to one process: several workers "
-            "would hand out the same offsets"
+            f"HISTORY_URL={safe_url(settings.history_url)!r} is local to one process: "
+            "several workers would hand out the same offsets"
         )
     else:
         return workers
@@ -108,7 +108,9 @@ def _check_backends(settings: Settings) -> None:
                     await part.connect()
                 await part.disconnect()
             except Exception as exc:  # whatever the driver raises: say which setting
-                raise SettingsError(f"{var}={url!r} cannot be reached: {exc!r}.") from None
+                raise SettingsError(
+                    f"{var}={safe_url(url)!r} cannot be reached: {exc!r}."
+                ) from None
 
     asyncio.run(probe())
 

@@ -124,10 +124,6 @@ class Connection:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    @property
-    def queued(self) -> int:
-        return self._counted
-
     # --- the sender ------------------------------------------------------
 
     def start(self) -> None:

@@ -227,7 +227,6 @@ SERVER_TYPES: Final[tuple[type[ServerEnvelope], ...]] = (
 ServerMessage = Union[  # noqa: UP007
     Welcome, Joined, Left, Chat, Notification, System, Presence, Ack, Error, Pong
 ]
-Stored = Union[Chat, Notification]  # noqa: UP007
 
 
 class PositionView(Struct):
@@ -273,7 +272,6 @@ class Codec:
         tags = [t.__struct_config__.tag for t in types]
         duplicates = {tag for tag in tags if tags.count(tag) > 1}
         assert not duplicates, f"envelope types registered twice: {sorted(map(str, duplicates))}"
-        self.client_types: tuple[type[ClientEnvelope], ...] = types
         self.decoder: msgspec.json.Decoder[ClientEnvelope] = msgspec.json.Decoder(
             Union[types]  # noqa: UP007
         )

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import urlparse
 
-from .settings import Settings, SettingsError
+from .settings import Settings, SettingsError, safe_url
 
 # Builds the encoded envelope once its epoch and offset are known.
 Build = Callable[[str, int], str]
@@ -173,7 +173,7 @@ def open_store(settings: Settings) -> HistoryStore:
             raise _missing(url, "asyncpg", "postgres", exc) from None
         return PostgresStore(url, size, ttl)
     raise SettingsError(
-        f"HISTORY_URL={url!r} is invalid: the scheme must be one of "
+        f"HISTORY_URL={safe_url(url)!r} is invalid: the scheme must be one of "
         "memory://, sqlite:///, redis://, rediss://, postgres://, postgresql://."
     )
 
@@ -182,6 +182,6 @@ def _missing(url: str, driver: str, extra: str, exc: ImportError) -> SettingsErr
     if (exc.name or "").partition(".")[0] != driver:
         return exc  # not the driver: a bug to see as it is
     return SettingsError(
-        f"HISTORY_URL={url!r} needs a driver that is not installed ({exc}): "
+        f"HISTORY_URL={safe_url(url)!r} needs a driver that is not installed ({exc}): "
         f"pip install 'roomcast[{extra}]'."
     )

@@ -32,7 +32,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import redis.asyncio as aioredis
 
 from .history import Appended, Build, Page
-from .settings import SettingsError
+from .settings import SettingsError, safe_url
 
 EPOCH_PLACEHOLDER: Final = "~epoch~"
 OFFSET_PLACEHOLDER: Final = 9007199254740993  # 2**53 + 1: no real offset gets there
@@ -200,7 +200,7 @@ def parse_url(url: str) -> tuple[str, str]:
     prefix = next((v for k, v in query if k == "prefix"), "roomcast")
     if not _PREFIX.fullmatch(prefix):
         raise SettingsError(
-            f"HISTORY_URL={url!r} is invalid: prefix must be 1-64 of A-Z a-z 0-9 _ - . :"
+            f"HISTORY_URL={safe_url(url)!r} is invalid: prefix must be 1-64 of A-Z a-z 0-9 _ - . :"
         )
     rest = urlencode([(k, v) for k, v in query if k != "prefix"])
     return urlunsplit(parts._replace(query=rest)), prefix

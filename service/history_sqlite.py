@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from .history import Appended, Build, Page
-from .settings import SettingsError
+from .settings import SettingsError, safe_url
 
 T = TypeVar("T")
 
@@ -46,7 +46,7 @@ def sqlite_path(url: str) -> str:
     path = url[len(prefix) :].partition("?")[0] if url.startswith(prefix) else ""
     if not path:
         raise SettingsError(
-            f"HISTORY_URL={url!r} is invalid: give a file, e.g. sqlite:///roomcast.db "
+            f"HISTORY_URL={safe_url(url)!r} is invalid: give a file, e.g. sqlite:///roomcast.db "
             "(relative) or sqlite:////var/lib/roomcast.db (absolute)."
         )
     return path

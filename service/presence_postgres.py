@@ -51,7 +51,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import asyncpg  # type: ignore[import-untyped]
 
 from .envelopes import User
-from .settings import SettingsError
+from .settings import SettingsError, safe_url
 
 log = logging.getLogger("roomcast.presence")
 
@@ -66,7 +66,7 @@ def parse_url(url: str) -> tuple[str, str]:
     prefix = next((v for k, v in query if k == "prefix"), "roomcast")
     if not _PREFIX.fullmatch(prefix):
         raise SettingsError(
-            f"presence URL {url!r} is invalid: prefix must be 1-40 of A-Z a-z 0-9 _ - . :"
+            f"presence URL {safe_url(url)!r} is invalid: prefix must be 1-40 of A-Z a-z 0-9 _ - . :"
         )
     rest = urlencode([(k, v) for k, v in query if k != "prefix"])
     return urlunsplit(parts._replace(query=rest)), prefix

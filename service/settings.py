@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -23,6 +23,15 @@ HISTORY_SCHEMES = ("memory", "sqlite", "redis", "rediss", "postgres", "postgresq
 
 class SettingsError(ValueError):
     """A setting has a value roomcast cannot run with."""
+
+
+def safe_url(url: str) -> str:
+    """The URL for messages and logs: its password (Heroku's broker URLs carry one) hidden."""
+    parts = urlparse(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,9 +85,6 @@ class Settings:
     @property
     def shares_history_across_processes(self) -> bool:
         return urlparse(self.history_url).scheme not in ("memory", "sqlite")
-
-    def with_overrides(self, **changes: Any) -> Settings:
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     @classmethod
     def from_environ(
@@ -135,8 +141,10 @@ def _check_url(var: str, url: str, schemes: tuple[str, ...]) -> None:
     scheme = urlparse(url).scheme
     if scheme not in schemes:
         raise SettingsError(
-            f"{var}={url!r} is invalid: the scheme must be one of "
+            f"{var}={safe_url(url)!r} is invalid: the scheme must be one of "
             f"{', '.join(s + '://' for s in schemes)}."
         )
     if scheme == "sqlite" and not urlparse(url).path.strip("/"):
-        raise SettingsError(f"{var}={url!r} is invalid: give a file, e.g. sqlite:///roomcast.db.")
+        raise SettingsError(
+            f"{var}={safe_url(url)!r} is invalid: give a file, e.g. sqlite:///roomcast.db."
+        )

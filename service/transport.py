@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from . import metrics
+from .settings import safe_url
 
 if TYPE_CHECKING:
     from broadcaster._backends.base import BroadcastBackend
@@ -59,7 +60,9 @@ def make_backend(url: str) -> BroadcastBackend:
         from .backend_kafka import KafkaBackend
 
         return KafkaBackend(url)
-    raise ValueError(f"BROADCAST_URL={url!r}: this backend is not available in this version")
+    raise ValueError(
+        f"BROADCAST_URL={safe_url(url)!r}: this backend is not available in this version"
+    )
 
 
 class Transport:

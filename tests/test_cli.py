@@ -402,3 +402,14 @@ async def test_heartbeat_keeps_a_client_that_answers_pings() -> None:
             assert (await _recv_type(ws, "pong"))["type"] == "pong"
     finally:
         server.terminate()
+
+
+def test_an_unreachable_broker_is_named_without_its_password() -> None:
+    outcome = run_serve(
+        ["--port", "0"],
+        clean_env(BROADCAST_URL="redis://:hunter2secret@127.0.0.1:1/0"),
+        until_serving=False,
+    )
+    assert outcome.returncode == 2, outcome.output
+    assert "cannot be reached" in outcome.output and "redis://:***@127.0.0.1:1/0" in outcome.output
+    assert "hunter2secret" not in outcome.output
