@@ -40,7 +40,6 @@ finds its lease lost restores it at once and then counts its connection
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import secrets
@@ -51,6 +50,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import asyncpg  # type: ignore[import-untyped]
 
 from .envelopes import User
+from .presence_lease import LeasedPresence
 from .settings import SettingsError, safe_url
 
 log = logging.getLogger("roomcast.presence")
@@ -261,28 +261,16 @@ WHERE (d.room, d.worker, d.user_id) = (g.room, g.worker, g.user_id)
     )
 
 
-class PostgresPresence:
+class PostgresPresence(LeasedPresence):
     """`PresenceStore` shared by the workers on one PostgreSQL; call `start()` first."""
 
     def __init__(self, url: str, ttl: float, pool_size: int = 8) -> None:
         self.url, self.prefix = parse_url(url)
-        self.ttl = float(ttl)
+        super().__init__(ttl)
         self.pool_size = pool_size
-        self.worker = ""
         self._sql = _sql(self.prefix)
         self._pool: asyncpg.Pool | None = None
-        self._task: asyncio.Task[None] | None = None
-        # This worker's own connections: room -> user id -> (latest user, count).
-        self._mine: dict[str, dict[str, tuple[User, int]]] = {}
-        self._dirty = False  # the rows may differ from `_mine`: resync
-        self._wake = asyncio.Event()
         self._restoring = asyncio.Lock()  # one lease restore at a time
-        # A resync closes the gate and waits until no add/remove is in flight.
-        self._gate = asyncio.Event()
-        self._gate.set()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._inflight = 0
 
     # --- lifecycle -------------------------------------------------------
 
@@ -339,9 +327,7 @@ class PostgresPresence:
         await self._enter()
         try:
             first = await self._add(pool, _text(room), _text(user.id), _text(user.name))
-            users = self._mine.setdefault(room, {})
-            seen = users.get(user.id)
-            users[user.id] = (user, 1 if seen is None else seen[1] + 1)
+            self._remember(room, user)
         except BaseException:
             self._trouble()  # it may have been committed: the rows may count one too many
             raise
@@ -383,10 +369,6 @@ class PostgresPresence:
         ]
         return int(row["online"]), users
 
-    def __len__(self) -> int:
-        """Rooms where this worker counts connections."""
-        return len(self._mine)
-
     # --- internals -------------------------------------------------------
 
     def _connected(self) -> Any:
@@ -422,46 +404,6 @@ class PostgresPresence:
                 await conn.execute(self._sql.drop_rows, self.worker)
             await conn.execute(self._sql.restore, self.worker, self.ttl)
         return not live
-
-    def _forget(self, room: str, user_id: str) -> bool:
-        """One connection less in `_mine`; whether there was one."""
-        users = self._mine.get(room)
-        seen = users.get(user_id) if users else None
-        if users is None or seen is None:
-            return False
-        if seen[1] > 1:
-            users[user_id] = (seen[0], seen[1] - 1)
-        else:
-            del users[user_id]
-            if not users:
-                del self._mine[room]
-        return True
-
-    def _trouble(self) -> None:
-        self._dirty = True
-        self._wake.set()
-
-    async def _enter(self) -> None:
-        while not self._gate.is_set():
-            await self._gate.wait()
-        self._inflight += 1
-        self._idle.clear()
-
-    def _leave(self) -> None:
-        self._inflight -= 1
-        if not self._inflight:
-            self._idle.set()
-
-    async def _keep_alive(self) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.ttl / 3)
-            self._wake.clear()
-            try:
-                async with asyncio.timeout(max(self.ttl, 5.0)):
-                    await self._refresh()
-            except Exception as exc:
-                log.warning("presence of worker %s not renewed: %r", self.worker, exc)
 
     async def _refresh(self) -> None:
         pool = self._connected()

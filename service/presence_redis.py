@@ -33,7 +33,6 @@ in Redis from that copy ("resync"), with `add`/`remove` held off meanwhile.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 from collections.abc import Awaitable
@@ -46,6 +45,7 @@ from redis.commands.core import AsyncScript
 
 from .envelopes import User
 from .history_redis import parse_url
+from .presence_lease import LeasedPresence
 
 log = logging.getLogger("roomcast.presence")
 
@@ -249,29 +249,17 @@ return 1
 )
 
 
-class RedisPresence:
+class RedisPresence(LeasedPresence):
     """`PresenceStore` shared by the workers on one Redis; call `start()` first."""
 
     def __init__(self, url: str, ttl: float) -> None:
         self.url, self.prefix = parse_url(url)
-        self.ttl = float(ttl)
+        super().__init__(ttl)
         self.ttl_ms = max(1, round(ttl * 1000))
         self.data_ttl_ms = 2 * self.ttl_ms  # outlives a lease long enough to be reaped
         self._base = f"{self.prefix}:{{presence}}:"
-        self.worker = ""
         self._redis: aioredis.Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
-        self._task: asyncio.Task[None] | None = None
-        # This worker's own connections: room -> user id -> (latest user, count).
-        self._mine: dict[str, dict[str, tuple[User, int]]] = {}
-        self._dirty = False  # Redis may differ from `_mine`: resync
-        self._wake = asyncio.Event()
-        # A resync closes the gate and waits until no add/remove is in flight.
-        self._gate = asyncio.Event()
-        self._gate.set()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._inflight = 0
 
     # --- lifecycle -------------------------------------------------------
 
@@ -339,9 +327,7 @@ class RedisPresence:
                 keys=self._keys(room),
                 args=[self._base, self.worker, room, user.id, user.name, self.data_ttl_ms],
             )
-            users = self._mine.setdefault(room, {})
-            seen = users.get(user.id)
-            users[user.id] = (user, 1 if seen is None else seen[1] + 1)
+            self._remember(room, user)
         except BaseException:
             self._trouble()  # the script may have run: Redis may count one too many
             raise
@@ -384,10 +370,6 @@ class RedisPresence:
         users = [User(str(flat[i]), str(flat[i + 1])) for i in range(0, len(flat), 2)]
         return int(online), users
 
-    def __len__(self) -> int:
-        """Rooms where this worker counts connections."""
-        return len(self._mine)
-
     # --- internals -------------------------------------------------------
 
     def _script(self, name: str) -> AsyncScript:
@@ -408,46 +390,6 @@ class RedisPresence:
             base + "users:" + room,
             base + "names:" + room,
         ]
-
-    def _forget(self, room: str, user_id: str) -> bool:
-        """One connection less in `_mine`; whether there was one."""
-        users = self._mine.get(room)
-        seen = users.get(user_id) if users else None
-        if users is None or seen is None:
-            return False
-        if seen[1] > 1:
-            users[user_id] = (seen[0], seen[1] - 1)
-        else:
-            del users[user_id]
-            if not users:
-                del self._mine[room]
-        return True
-
-    def _trouble(self) -> None:
-        self._dirty = True
-        self._wake.set()
-
-    async def _enter(self) -> None:
-        while not self._gate.is_set():
-            await self._gate.wait()
-        self._inflight += 1
-        self._idle.clear()
-
-    def _leave(self) -> None:
-        self._inflight -= 1
-        if not self._inflight:
-            self._idle.set()
-
-    async def _keep_alive(self) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.ttl / 3)
-            self._wake.clear()
-            try:
-                async with asyncio.timeout(max(self.ttl, 5.0)):
-                    await self._refresh()
-            except Exception as exc:
-                log.warning("presence of worker %s not renewed: %r", self.worker, exc)
 
     async def _refresh(self) -> None:
         client = self._redis

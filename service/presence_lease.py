@@ -1,0 +1,88 @@
+"""What the shared presence stores (Redis, Postgres) have in common.
+
+Each worker holds a lease renewed every `ttl / 3` and keeps its own counts in
+memory (`_mine`), so that whenever the shared copy may be wrong (a lost
+lease, a call that failed or was cancelled half-way) it can be rewritten:
+`_trouble()` wakes the keep-alive task, whose `_refresh()` resyncs while the
+gate holds new add/remove calls off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from .envelopes import User
+
+log = logging.getLogger("roomcast.presence")
+
+
+class LeasedPresence:
+    def __init__(self, ttl: float) -> None:
+        self.ttl = float(ttl)
+        self.worker = ""
+        self._task: asyncio.Task[None] | None = None
+        # This worker's own connections: room -> user id -> (latest user, count).
+        self._mine: dict[str, dict[str, tuple[User, int]]] = {}
+        self._dirty = False  # the shared copy may differ from `_mine`: resync
+        self._wake = asyncio.Event()
+        # A resync closes the gate and waits until no add/remove is in flight.
+        self._gate = asyncio.Event()
+        self._gate.set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._inflight = 0
+
+    def __len__(self) -> int:
+        """Rooms where this worker counts connections."""
+        return len(self._mine)
+
+    async def _refresh(self) -> None:
+        """Renew the lease; resync when it was lost or `_dirty`."""
+        raise NotImplementedError
+
+    def _remember(self, room: str, user: User) -> None:
+        users = self._mine.setdefault(room, {})
+        seen = users.get(user.id)
+        users[user.id] = (user, 1 if seen is None else seen[1] + 1)
+
+    def _forget(self, room: str, user_id: str) -> bool:
+        """One connection less in `_mine`; whether there was one."""
+        users = self._mine.get(room)
+        seen = users.get(user_id) if users else None
+        if users is None or seen is None:
+            return False
+        if seen[1] > 1:
+            users[user_id] = (seen[0], seen[1] - 1)
+        else:
+            del users[user_id]
+            if not users:
+                del self._mine[room]
+        return True
+
+    def _trouble(self) -> None:
+        self._dirty = True
+        self._wake.set()
+
+    async def _enter(self) -> None:
+        while not self._gate.is_set():
+            await self._gate.wait()
+        self._inflight += 1
+        self._idle.clear()
+
+    def _leave(self) -> None:
+        self._inflight -= 1
+        if not self._inflight:
+            self._idle.set()
+
+    async def _keep_alive(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.ttl / 3)
+            self._wake.clear()
+            try:
+                async with asyncio.timeout(max(self.ttl, 5.0)):
+                    await self._refresh()
+            except Exception as exc:
+                log.warning("presence of worker %s not renewed: %r", self.worker, exc)
