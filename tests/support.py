@@ -181,6 +181,20 @@ class Client:
         assert ack["offset"] == own["offset"] and ack["room"] == own["room"], [ack, own]
         return ack, own
 
+    async def pour(self, room: str, texts: Sequence[str], within: float = 30) -> None:
+        """Send chats without waiting between them, reading meanwhile (a sender that
+        does not read is a slow consumer) until every one is acknowledged."""
+
+        async def drain() -> None:
+            acks = 0
+            while acks < len(texts):
+                acks += (await self.recv(within))["type"] == "ack"
+
+        reading = asyncio.create_task(drain())
+        for text in texts:
+            await self.send({"type": "chat", "room": room, "text": text})
+        await asyncio.wait_for(reading, within)
+
     async def join(self, room: str, ref: str | None = None, **fields: Any) -> Message:
         message: Message = {"type": "join", "room": room, **fields}
         if ref is not None:

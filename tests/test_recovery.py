@@ -237,16 +237,7 @@ async def test_the_seam_between_replay_and_live_loses_and_duplicates_nothing(roo
         async def sender(index: int) -> None:
             async with client(roomy) as conn:
                 await conn.join(room)
-
-                async def drain() -> None:  # a sender reads too, or it is a slow consumer
-                    acks = 0
-                    while acks < per_sender:
-                        acks += (await conn.recv(30))["type"] == "ack"
-
-                reading = asyncio.create_task(drain())
-                for n in range(per_sender):
-                    await conn.send({"type": "chat", "room": room, "text": f"{index}:{n}"})
-                await reading
+                await conn.pour(room, [f"{index}:{n}" for n in range(per_sender)])
 
         async def joiner(index: int) -> list[int]:
             await asyncio.sleep(random.uniform(0, 0.5))  # a random moment to join, not a sync point

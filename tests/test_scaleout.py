@@ -93,16 +93,7 @@ async def test_concurrent_senders_on_both_servers_give_every_client_one_gapless_
     async def sender(server: Server, name: str) -> None:
         async with client(server) as conn:
             await conn.join(ROOM)
-
-            async def drain() -> None:
-                acks = 0
-                while acks < per_sender:
-                    acks += (await conn.recv(20))["type"] == "ack"
-
-            reading = asyncio.create_task(drain())
-            for n in range(per_sender):
-                await conn.send({"type": "chat", "room": ROOM, "text": f"{name}:{n}"})
-            await reading
+            await conn.pour(ROOM, [f"{name}:{n}" for n in range(per_sender)])
 
     async with client(one) as watch_one, client(two) as watch_two:
         await watch_one.join(ROOM)
