@@ -21,12 +21,12 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from .history_redis import parse_url
+from .settings import split_prefix
 
 
 class RedisBackend(BroadcastBackend):
     def __init__(self, url: str) -> None:
-        self._url, prefix = parse_url(url)
+        self._url, prefix = split_prefix(url, "BROADCAST_URL")
         self._prefix = prefix + ":"
         self._redis: redis.Redis | None = None
         self._pubsub: PubSub | None = None

@@ -27,19 +27,17 @@ import re
 import secrets
 from collections.abc import Awaitable
 from typing import Any, Final, cast
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 
 from .history import Appended, Build, Page
-from .settings import SettingsError, safe_url
+from .settings import split_prefix
 
 EPOCH_PLACEHOLDER: Final = "~epoch~"
 OFFSET_PLACEHOLDER: Final = 9007199254740993  # 2**53 + 1: no real offset gets there
 _MAX_OFFSET: Final = 2**53  # client offsets are unbounded; above any top they mean the same
 _EPOCH_FIELD: Final = f'"epoch":"{EPOCH_PLACEHOLDER}"'
 _OFFSET_FIELD: Final = re.compile(rf'"offset":({OFFSET_PLACEHOLDER})(?![0-9])')
-_PREFIX: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 _LIB = """
 local function now_ms()
@@ -193,22 +191,9 @@ def template(text: str) -> list[str]:
     return pieces
 
 
-def parse_url(url: str) -> tuple[str, str]:
-    """(the URL for redis-py, the key prefix from `?prefix=`, default `roomcast`)."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    prefix = next((v for k, v in query if k == "prefix"), "roomcast")
-    if not _PREFIX.fullmatch(prefix):
-        raise SettingsError(
-            f"HISTORY_URL={safe_url(url)!r} is invalid: prefix must be 1-64 of A-Z a-z 0-9 _ - . :"
-        )
-    rest = urlencode([(k, v) for k, v in query if k != "prefix"])
-    return urlunsplit(parts._replace(query=rest)), prefix
-
-
 class RedisStore:
     def __init__(self, url: str, size: int, ttl: float) -> None:
-        self.url, self.prefix = parse_url(url)
+        self.url, self.prefix = split_prefix(url, "HISTORY_URL")
         self.size = size
         self.ttl_ms = max(1, round(ttl * 1000))
         self._redis: aioredis.Redis | None = None

@@ -45,31 +45,16 @@ import re
 import secrets
 from dataclasses import dataclass
 from typing import Any, Final
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg  # type: ignore[import-untyped]
 
 from .envelopes import User
 from .presence_lease import LeasedPresence
-from .settings import SettingsError, safe_url
+from .settings import split_prefix
 
 log = logging.getLogger("roomcast.presence")
 
-_PREFIX: Final = re.compile(r"[A-Za-z0-9_.:-]{1,40}")  # + "_presence_workers" <= 63 bytes
 _SCHEMA_LOCK: Final = 7283349128  # next to history_postgres's 7283349127
-
-
-def parse_url(url: str) -> tuple[str, str]:
-    """(the URL for asyncpg, the table name prefix from `?prefix=`, default `roomcast`)."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    prefix = next((v for k, v in query if k == "prefix"), "roomcast")
-    if not _PREFIX.fullmatch(prefix):
-        raise SettingsError(
-            f"presence URL {safe_url(url)!r} is invalid: prefix must be 1-40 of A-Z a-z 0-9 _ - . :"
-        )
-    rest = urlencode([(k, v) for k, v in query if k != "prefix"])
-    return urlunsplit(parts._replace(query=rest)), prefix
 
 
 # PostgreSQL text holds neither NUL nor lone surrogates: escape them (and the
@@ -265,7 +250,7 @@ class PostgresPresence(LeasedPresence):
     """`PresenceStore` shared by the workers on one PostgreSQL; call `start()` first."""
 
     def __init__(self, url: str, ttl: float, pool_size: int = 8) -> None:
-        self.url, self.prefix = parse_url(url)
+        self.url, self.prefix = split_prefix(url, "presence URL", 40)
         super().__init__(ttl)
         self.pool_size = pool_size
         self._sql = _sql(self.prefix)

@@ -44,8 +44,8 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
 from .envelopes import User
-from .history_redis import parse_url
 from .presence_lease import LeasedPresence
+from .settings import split_prefix
 
 log = logging.getLogger("roomcast.presence")
 
@@ -253,7 +253,7 @@ class RedisPresence(LeasedPresence):
     """`PresenceStore` shared by the workers on one Redis; call `start()` first."""
 
     def __init__(self, url: str, ttl: float) -> None:
-        self.url, self.prefix = parse_url(url)
+        self.url, self.prefix = split_prefix(url, "presence URL")
         super().__init__(ttl)
         self.ttl_ms = max(1, round(ttl * 1000))
         self.data_ttl_ms = 2 * self.ttl_ms  # outlives a lease long enough to be reaped

@@ -8,11 +8,12 @@ starts.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import parse_qsl, urlencode, urlparse, urlsplit, urlunsplit
 
 from starlette.config import Config, EnvironError
 from starlette.datastructures import CommaSeparatedStrings, Secret
@@ -23,6 +24,23 @@ HISTORY_SCHEMES = ("memory", "sqlite", "redis", "rediss", "postgres", "postgresq
 
 class SettingsError(ValueError):
     """A setting has a value roomcast cannot run with."""
+
+
+_PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+def split_prefix(url: str, var: str, max_chars: int = 64) -> tuple[str, str]:
+    """(the URL for the driver, the key or table prefix from `?prefix=`, default `roomcast`)."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    prefix = next((v for k, v in query if k == "prefix"), "roomcast")
+    if not _PREFIX.fullmatch(prefix) or len(prefix) > max_chars:
+        raise SettingsError(
+            f"{var}={safe_url(url)!r} is invalid: prefix must be 1-{max_chars} of "
+            "A-Z a-z 0-9 _ - . :"
+        )
+    rest = urlencode([(k, v) for k, v in query if k != "prefix"])
+    return urlunsplit(parts._replace(query=rest)), prefix
 
 
 def safe_url(url: str) -> str:
