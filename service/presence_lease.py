@@ -76,6 +76,16 @@ class LeasedPresence:
         if not self._inflight:
             self._idle.set()
 
+    def _start_keep_alive(self) -> None:
+        self._dirty = False
+        self._task = asyncio.create_task(self._keep_alive(), name="presence-keep-alive")
+
+    async def _stop_keep_alive(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
     async def _keep_alive(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):

@@ -279,15 +279,11 @@ class PostgresPresence(LeasedPresence):
             pool.terminate()
             raise
         self._pool, self.worker = pool, worker
-        self._dirty = False
-        self._task = asyncio.create_task(self._keep_alive(), name="presence-keep-alive")
+        self._start_keep_alive()
 
     async def stop(self) -> None:
         """Withdraw every entry of this worker and its lease, then disconnect."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await self._stop_keep_alive()
         pool, self._pool = self._pool, None
         if pool is None:
             return

@@ -293,15 +293,11 @@ class RedisPresence(LeasedPresence):
                 ("drop", _DROP),
             )
         }
-        self._dirty = False
-        self._task = asyncio.create_task(self._keep_alive(), name="presence-keep-alive")
+        self._start_keep_alive()
 
     async def stop(self) -> None:
         """Withdraw every entry of this worker and its lease, then disconnect."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await self._stop_keep_alive()
         client, self._redis = self._redis, None
         if client is None:
             return
