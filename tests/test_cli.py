@@ -235,15 +235,20 @@ def test_workers_that_cannot_start_do_not_leave_a_parent_serving_nothing() -> No
 # ---------------------------------------------------------------- options
 
 
-def test_serve_help_lists_an_option_for_every_setting() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "service", "serve", "--help"],
+def roomcast(*args: str) -> subprocess.CompletedProcess[str]:
+    """A roomcast command that ends by itself, with a clean environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args],
         capture_output=True,
         text=True,
         env=clean_env(),
         timeout=RUN_TIMEOUT,
         check=False,
     )
+
+
+def test_serve_help_lists_an_option_for_every_setting() -> None:
+    result = roomcast("serve", "--help")
     assert result.returncode == 0, result.stderr
     options = set(re.findall(r"--[a-z][a-z-]*", result.stdout))
     missing = [var for var in CONFIG_VARS if "--" + var.lower().replace("_", "-") not in options]
@@ -316,14 +321,7 @@ def test_port_environment_variable_is_the_default_port() -> None:
 
 
 def test_schema_command_prints_the_json_schema() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "service", "schema"],
-        capture_output=True,
-        text=True,
-        env=clean_env(),
-        timeout=RUN_TIMEOUT,
-        check=False,
-    )
+    result = roomcast("schema")
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
     assert "ClientMessage" in document["$defs"]
