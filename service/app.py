@@ -12,9 +12,10 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 from starlette.applications import Starlette
-from starlette.routing import BaseRoute, WebSocketRoute
+from starlette.routing import BaseRoute, Mount, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 
+from .api import Api
 from .envelopes import ClientEnvelope, Codec, ServerEnvelope, schema
 from .history import open_store
 from .hub import Hub
@@ -75,6 +76,7 @@ class Roomcast:
             WebSocketRoute("/ws", socket),
             WebSocketRoute("/ws/{room}", socket),
             *page_routes(self.hub, self.settings, self.schema()),
+            Mount("/api", app=Api(self.hub, self.settings).app()),
         ]
         return Starlette(routes=routes, lifespan=self.lifespan)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -53,6 +54,8 @@ RECENT_FRAMES: Final = 128
 # the hub reads the missing ones from history (workers publish concurrently).
 GAP_GRACE: Final = 0.05
 JOIN_READS: Final = 8
+# How long notify/disconnect wait for every worker to say how many connections it reached.
+TALLY_TIMEOUT: Final = 2.0
 _SYSTEM_PREFIX: Final = '{"type":"system"'
 
 
@@ -69,16 +72,35 @@ class _SystemView(msgspec.Struct):
     user: User
 
 
-class _UserDelivery(msgspec.Struct):
-    """What travels on the control channel: one frame for one user's connections."""
+class _UserDelivery(msgspec.Struct, tag="user", tag_field="kind"):
+    """On the control channel: a frame for (or a close of) one user's connections.
+    With `ask`, every worker answers with a `_Tally` of the connections it reached."""
 
     user: str
     frame: str | None = None
     close: int | None = None
+    ask: str | None = None
+
+
+class _Tally(msgspec.Struct, tag="tally", tag_field="kind"):
+    answer: str
+    count: int
+
+
+class _Count:
+    """The answers to one `ask`, summed until every live worker has answered."""
+
+    __slots__ = ("answers", "done", "expected", "total")
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.answers = 0
+        self.total = 0
+        self.done = asyncio.Event()
 
 
 _system_decoder = msgspec.json.Decoder(_SystemView)
-_control_decoder = msgspec.json.Decoder(_UserDelivery)
+_control_decoder = msgspec.json.Decoder(_UserDelivery | _Tally)
 _control_encoder = msgspec.json.Encoder()
 
 
@@ -149,6 +171,7 @@ class Hub:
         self.connections: set[Connection] = set()
         self.users: dict[str, set[Connection]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._counts: dict[str, _Count] = {}
 
     # --- lifecycle -------------------------------------------------------
 
@@ -444,8 +467,9 @@ class Hub:
         body: str,
         level: Level = "info",
         data: Any = None,
-    ) -> None:
-        """Send a notification to every connection of one user, on every worker."""
+    ) -> int:
+        """Send a notification to every connection of one user, on every worker;
+        how many connections it reached."""
         frame = encode(
             Notification(
                 room=None,
@@ -458,14 +482,28 @@ class Hub:
                 ts=now(),
             )
         )
-        await self._control(_UserDelivery(user_id, frame=frame))
+        return await self._ask(_UserDelivery(user_id, frame=frame))
 
-    async def disconnect_user(self, user_id: str, code: int = Close.UNAUTHORIZED) -> None:
-        """Close every connection of one user, on every worker."""
-        await self._control(_UserDelivery(user_id, close=code))
+    async def disconnect_user(self, user_id: str, code: int = Close.UNAUTHORIZED) -> int:
+        """Close every connection of one user, on every worker; how many there were."""
+        return await self._ask(_UserDelivery(user_id, close=code))
 
-    async def _control(self, delivery: _UserDelivery) -> None:
-        await self.transport.publish(CONTROL_CHANNEL, _control_encoder.encode(delivery).decode())
+    async def _ask(self, delivery: _UserDelivery) -> int:
+        """Publish `delivery` and sum the workers' answers. A worker that does not
+        answer within TALLY_TIMEOUT (it is dying) is left out of the sum."""
+        delivery.ask = secrets.token_hex(8)
+        count = self._counts[delivery.ask] = _Count(await self.presence.workers())
+        try:
+            await self._control(delivery)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(TALLY_TIMEOUT):
+                    await count.done.wait()
+            return count.total
+        finally:
+            del self._counts[delivery.ask]
+
+    async def _control(self, message: _UserDelivery | _Tally) -> None:
+        await self.transport.publish(CONTROL_CHANNEL, _control_encoder.encode(message).decode())
 
     # --- fan-out (synchronous: called by the transport's listener) -------
 
@@ -477,7 +515,11 @@ class Hub:
                 self._fan_out(room, text)
                 metrics.FANOUT_SECONDS.observe(time.perf_counter() - started)
         elif channel == CONTROL_CHANNEL:
-            self._deliver_to_user(_control_decoder.decode(text))
+            message = _control_decoder.decode(text)
+            if isinstance(message, _Tally):
+                self._counted(message)
+            else:
+                self._deliver_to_user(message)
 
     def _fan_out(self, room: Room, text: str) -> None:
         position = position_decoder.decode(text)
@@ -566,11 +608,27 @@ class Hub:
         return bool(page.entries)
 
     def _deliver_to_user(self, delivery: _UserDelivery) -> None:
-        conns = list(self.users.get(delivery.user, ()))
-        if delivery.frame is not None:
-            metrics.DELIVERIES.inc(len(conns))
-        for conn in conns:
-            if delivery.frame is not None:
-                conn.push(delivery.frame)
+        reached = 0
+        for conn in list(self.users.get(delivery.user, ())):
+            if delivery.frame is None or conn.push(delivery.frame):
+                reached += 1
             if delivery.close is not None:
                 conn.close_after_queued(delivery.close)
+        if delivery.frame is not None:
+            metrics.DELIVERIES.inc(reached)
+        if delivery.ask is not None:
+            self.spawn(self._answer(_Tally(delivery.ask, reached)))
+
+    async def _answer(self, tally: _Tally) -> None:
+        try:
+            await self._control(tally)
+        except Exception as exc:  # the asking worker times out and leaves this one out
+            log.warning("tally for %s not published: %r", tally.answer, exc)
+
+    def _counted(self, tally: _Tally) -> None:
+        count = self._counts.get(tally.answer)
+        if count is not None:
+            count.total += tally.count
+            count.answers += 1
+            if count.answers >= count.expected:
+                count.done.set()

@@ -35,6 +35,10 @@ class PresenceStore(Protocol):
         """The number of distinct users and at most `limit` of them."""
         ...
 
+    async def workers(self) -> int:
+        """How many live workers share this store (this one included)."""
+        ...
+
 
 class LocalPresence:
     def __init__(self) -> None:
@@ -69,6 +73,9 @@ class LocalPresence:
         users = self._rooms.get(room, {})
         listed = [user for user, _ in users.values()][:limit] if limit else []
         return len(users), listed
+
+    async def workers(self) -> int:
+        return 1
 
     def __len__(self) -> int:
         return len(self._rooms)

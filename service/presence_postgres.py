@@ -99,6 +99,7 @@ class _Sql:
     sweep: str
     drop_rows: str
     drop_lease: str
+    workers: str
 
 
 def _sql(prefix: str) -> _Sql:
@@ -243,6 +244,7 @@ WHERE (d.room, d.worker, d.user_id) = (g.room, g.worker, g.user_id)
 """,
         drop_rows=f"DELETE FROM {p} WHERE worker = $1",
         drop_lease=f"DELETE FROM {w} WHERE worker = $1",
+        workers=f"SELECT count(*) FROM {w} WHERE expires > {now}",
     )
 
 
@@ -349,6 +351,9 @@ class PostgresPresence(LeasedPresence):
             User(_untext(i), _untext(n)) for i, n in zip(row["ids"], row["names"], strict=True)
         ]
         return int(row["online"]), users
+
+    async def workers(self) -> int:
+        return int(await self._connected().fetchval(self._sql.workers))
 
     # --- internals -------------------------------------------------------
 

@@ -11,6 +11,7 @@ workers' keys), with `B` = `{prefix}:{presence}:`:
 - `B workers:R`      set: the workers with a `conn:W:R`
 - `B users:R`        sorted set: the room's users, scored by first arrival (µs)
 - `B names:R`        hash: user id -> display name
+- `B leases`         set: every worker that took a lease (pruned by `workers()`)
 
 (W has a fixed length, so `conn:W:R` names one worker and room; the user id
 is only ever a hash field or set member, never part of a key.)
@@ -234,6 +235,19 @@ return 1
 """
 )
 
+# KEYS leases; ARGV base: the workers whose lease is alive (the others are pruned).
+_WORKERS = """
+local live = 0
+for _, w in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if redis.call('EXISTS', ARGV[1] .. 'lease:' .. w) == 1 then
+    live = live + 1
+  else
+    redis.call('SREM', KEYS[1], w)
+  end
+end
+return live
+"""
+
 # KEYS lease rooms; ARGV base me: withdraw this worker from every room.
 _DROP = (
     _LIB
@@ -278,6 +292,7 @@ class RedisPresence(LeasedPresence):
         try:
             await cast(Awaitable[bool], client.ping())
             await client.set(self._base + "lease:" + worker, "1", px=self.ttl_ms, nx=True)
+            await cast(Awaitable[int], client.sadd(self._base + "leases", worker))
         except BaseException:
             await client.aclose()
             raise
@@ -291,6 +306,7 @@ class RedisPresence(LeasedPresence):
                 ("touch", _TOUCH),
                 ("sync", _SYNC),
                 ("drop", _DROP),
+                ("workers", _WORKERS),
             )
         }
         self._start_keep_alive()
@@ -306,6 +322,7 @@ class RedisPresence(LeasedPresence):
                 await self._scripts["drop"](
                     keys=self._worker_keys(), args=[self._base, self.worker]
                 )
+                await cast(Awaitable[int], client.srem(self._base + "leases", self.worker))
         except Exception as exc:  # the lease and the keys expire by themselves
             log.warning("presence of worker %s not withdrawn: %r", self.worker, exc)
         finally:
@@ -366,6 +383,9 @@ class RedisPresence(LeasedPresence):
         users = [User(str(flat[i]), str(flat[i + 1])) for i in range(0, len(flat), 2)]
         return int(online), users
 
+    async def workers(self) -> int:
+        return int(await self._script("workers")(keys=[self._base + "leases"], args=[self._base]))
+
     # --- internals -------------------------------------------------------
 
     def _script(self, name: str) -> AsyncScript:
@@ -410,6 +430,7 @@ class RedisPresence(LeasedPresence):
             self._dirty = False
             lease, rooms_key = self._worker_keys()
             await client.set(lease, "1", px=self.ttl_ms)
+            await cast(Awaitable[int], client.sadd(self._base + "leases", self.worker))
             listed = await cast(Awaitable[set[str]], client.smembers(rooms_key))
             for room in sorted(set(self._mine) | listed):
                 args: list[Any] = [self._base, self.worker, room, self.data_ttl_ms]

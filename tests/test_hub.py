@@ -16,6 +16,7 @@ from service.envelopes import User
 from service.history import MemoryStore
 from service.hub import Hub
 from service.presence import LocalPresence
+from service.presence_redis import RedisPresence
 from service.settings import Settings
 
 
@@ -238,9 +239,14 @@ async def test_history_lost_under_a_live_room_closes_its_members_with_1012(hub: 
 
 
 async def test_notify_and_disconnect_a_user_on_another_worker(redis_url: str) -> None:
-    settings = Settings(broadcast_url=f"{redis_url}?prefix=u{uuid.uuid4().hex[:10]}")
+    url = f"{redis_url}?prefix=u{uuid.uuid4().hex[:10]}"
+    settings = Settings(broadcast_url=url)
     hubs = [
-        Hub(settings, MemoryStore(settings.history_size, settings.history_ttl), LocalPresence())
+        Hub(
+            settings,
+            MemoryStore(settings.history_size, settings.history_ttl),
+            RedisPresence(url, settings.presence_ttl),
+        )
         for _ in range(2)
     ]
     for hub in hubs:
@@ -251,12 +257,15 @@ async def test_notify_and_disconnect_a_user_on_another_worker(redis_url: str) ->
             Client(hubs[1], "bob"),
             Client(hubs[1], "ann"),
         )
-        await hubs[0].notify_user("bob", title="Mention", body="from the other worker")
-        for conn in (bob_here, bob_there):
+        bob_away = Client(hubs[0], "bob")
+        # Both workers answer: the count covers the connections on each.
+        assert await hubs[0].notify_user("bob", title="Mention", body="from a worker") == 3
+        assert await hubs[1].notify_user("nobody", title="Mention", body="none") == 0
+        for conn in (bob_here, bob_there, bob_away):
             (note,) = await conn.wait_for("notification")
             assert (note["title"], note["room"], note["offset"]) == ("Mention", None, None)
-        await hubs[0].disconnect_user("bob")
-        for conn in (bob_here, bob_there):
+        assert await hubs[0].disconnect_user("bob") == 3
+        for conn in (bob_here, bob_there, bob_away):
             async with asyncio.timeout(5), conn.arrived:
                 await conn.arrived.wait_for(lambda c=conn: c.closed == 4401)
         assert ann.closed is None and not ann.of("notification")
