@@ -20,7 +20,7 @@ from msgspec import Meta, Struct
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -290,3 +290,11 @@ async def _http_exception(request: Request, exc: HTTPException) -> Response:
         405: f"{request.method} is not allowed here.",
     }.get(exc.status_code, str(exc.detail))
     return _error(exc.status_code, codes.get(exc.status_code, "http_error"), detail, exc.headers)
+
+
+async def not_found(request: Request, exc: HTTPException) -> Response:
+    """The app's 404: JSON under /api/ (also for paths no route pattern takes,
+    such as one with a newline), plain text elsewhere."""
+    if request.url.path.startswith("/api/"):
+        return await _http_exception(request, exc)
+    return PlainTextResponse("Not Found", 404)

@@ -15,7 +15,7 @@ from starlette.applications import Starlette
 from starlette.routing import BaseRoute, Mount, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 
-from .api import Api
+from .api import Api, not_found
 from .envelopes import ClientEnvelope, Codec, ServerEnvelope, schema
 from .history import open_store
 from .hub import Hub
@@ -78,7 +78,11 @@ class Roomcast:
             *page_routes(self.hub, self.settings, self.schema()),
             Mount("/api", app=Api(self.hub, self.settings).app()),
         ]
-        return Starlette(routes=routes, lifespan=self.lifespan)
+        return Starlette(
+            routes=routes,
+            lifespan=self.lifespan,
+            exception_handlers={404: not_found},  # type: ignore[dict-item]
+        )
 
     @asynccontextmanager
     async def lifespan(self, app: object = None) -> AsyncIterator[None]:

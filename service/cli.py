@@ -1,22 +1,22 @@
-"""`roomcast` commands: serve (uvicorn configured from the settings), schema and token."""
+"""`roomcast` commands: serve (uvicorn configured from the settings), schema, token, and
+the HTTP API's publish, notify and disconnect (cli_api)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
-import copy
 import json
 import logging
 import os
-import re
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import fields
 from pathlib import Path
-from urllib.parse import unquote_plus
 
+from . import cli_api
+from .logs import FORMATS, log_config
 from .settings import Settings, SettingsError, safe_url
 
 log = logging.getLogger("roomcast")
@@ -37,6 +37,11 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="worker processes (default: $WEB_CONCURRENCY; always 1 with memory://)",
     )
     serve.add_argument("--log-level", default="info")
+    serve.add_argument(
+        "--log-format",
+        default=None,
+        help="text or json (one JSON object per line; default: $LOG_FORMAT, else text)",
+    )
     for field in fields(Settings):
         option = "--" + field.name.replace("_", "-")
         var = field.name.upper()
@@ -115,63 +120,6 @@ def _check_backends(settings: Settings) -> None:
     asyncio.run(probe())
 
 
-# A query parameter of a logged path: `?token=…` must never reach a log.
-_QUERY_PARAM = re.compile(r"([?&;])([^=&;\s\"#]+)=([^&;\s\"#]*)")
-REDACTED = "[redacted]"
-
-
-def redact_tokens(text: str) -> str:
-    """`text` with the value of every `token` query parameter replaced by [redacted]."""
-    if "=" not in text:
-        return text
-
-    def hide(match: re.Match[str]) -> str:
-        if unquote_plus(match.group(2)).lower() != "token":
-            return match.group(0)
-        return f"{match.group(1)}{match.group(2)}={REDACTED}"
-
-    return _QUERY_PARAM.sub(hide, text)
-
-
-class RedactTokens(logging.Filter):
-    """Redacts `token=…` from a record's message and arguments.
-
-    uvicorn logs the path with its query string: HTTP requests on
-    `uvicorn.access`, WebSocket handshakes on `uvicorn.error`.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.msg, str):
-            record.msg = redact_tokens(record.msg)
-        args = record.args
-        if isinstance(args, tuple):
-            record.args = tuple(redact_tokens(a) if isinstance(a, str) else a for a in args)
-        elif isinstance(args, dict):
-            record.args = {
-                k: redact_tokens(v) if isinstance(v, str) else v for k, v in args.items()
-            }
-        return True
-
-
-def log_config() -> dict[str, object]:
-    """uvicorn's logging config, plus the roomcast logger and the token filter."""
-    import uvicorn.config
-
-    config: dict[str, object] = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
-    loggers = config["loggers"]
-    handlers = config["handlers"]
-    assert isinstance(loggers, dict) and isinstance(handlers, dict)
-    config["filters"] = {"redact_tokens": {"()": "service.cli.RedactTokens"}}
-    # Not propagated: `main`'s basicConfig on the root logger would print each line twice.
-    loggers["roomcast"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
-    # On the loggers that print paths, and on the handlers for any other record.
-    for name in ("uvicorn.access", "uvicorn.error"):
-        loggers[name] = {**loggers.get(name, {}), "filters": ["redact_tokens"]}
-    for handler in handlers.values():
-        handler["filters"] = ["redact_tokens"]
-    return config
-
-
 @contextlib.contextmanager
 def _metrics_dir(workers: int) -> Iterator[None]:
     """prometheus-client's multiprocess mode for several workers: a fresh
@@ -194,10 +142,19 @@ def _metrics_dir(workers: int) -> Iterator[None]:
             del os.environ[MULTIPROC_ENV]
 
 
+def _log_format(args: argparse.Namespace) -> str:
+    source = "--log-format" if args.log_format is not None else "LOG_FORMAT"
+    value = args.log_format or os.environ.get("LOG_FORMAT") or "text"
+    if value not in FORMATS:
+        raise SettingsError(f"{source}={value!r} is invalid: use one of {', '.join(FORMATS)}.")
+    return value
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     settings = _settings_from(args)
+    log_format = _log_format(args)
     workers = _workers(args, settings)
     _check_backends(settings)
     with _metrics_dir(workers):
@@ -205,7 +162,7 @@ def serve(args: argparse.Namespace) -> int:
             "service.app:create_app",
             factory=True,
             # uvicorn applies its log config in every worker process; ours rides along.
-            log_config=log_config(),
+            log_config=log_config(log_format),
             host=args.host,
             port=settings.port,
             workers=workers,
@@ -283,6 +240,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     sub.choices["serve"].set_defaults(run=serve)
     _token_parser(sub)
+    cli_api.register(sub)
+    for name in ("publish", "notify", "disconnect"):
+        sub.choices[name].set_defaults(run=cli_api.main)
     args = parser.parse_args(argv)
     try:
         code = int(args.run(args))

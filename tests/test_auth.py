@@ -41,8 +41,8 @@ from service.auth import (
     token_from,
     verify_token,
 )
-from service.cli import RedactTokens, redact_tokens
 from service.envelopes import User
+from service.logs import RedactTokens, redact_tokens
 
 from .servers import Server, start_server
 from .support import SUBPROTOCOL, TIMEOUT, Client, Message, client, get, validator, ws_url

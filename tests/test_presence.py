@@ -763,3 +763,31 @@ def test_open_presence_picks_redis_then_postgres() -> None:
     assert isinstance(open_presence(Settings(broadcast_url=pg, history_url=redis)), RedisPresence)
     assert isinstance(open_presence(Settings(broadcast_url=redis, history_url=pg)), RedisPresence)
     assert isinstance(open_presence(Settings(history_url=pg)), LocalPresence)  # one process
+
+
+async def test_workers_counts_live_leases(workers: Workers) -> None:
+    a, b = await workers.open(), await workers.open(1.0)
+    assert await within(a.workers()) == await within(b.workers()) == 2
+    c = await workers.open()
+    await within(c.stop())
+    workers.started.remove(c)
+    assert await within(a.workers()) == 2
+    await crash(b)
+    await eventually(a.workers, lambda n: n == 1)
+    # Pruned: the crashed worker's id is gone from the set, not just skipped.
+    assert b.worker not in await within(workers.raw.smembers(a._base + "leases"))
+
+
+async def test_pg_workers_counts_live_leases(pg_workers: PgWorkers) -> None:
+    a, b = await pg_workers.open(), await pg_workers.open(1.0)
+    assert await within(a.workers()) == await within(b.workers()) == 2
+    c = await pg_workers.open()
+    await within(c.stop())
+    pg_workers.started.remove(c)
+    assert await within(a.workers()) == 2
+    await pg_crash(b)
+    await eventually(a.workers, lambda n: n == 1)
+
+
+async def test_local_presence_is_one_worker() -> None:
+    assert await within(LocalPresence().workers()) == 1
