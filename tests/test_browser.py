@@ -613,3 +613,11 @@ def test_expiring_token_is_warned_about_and_refreshed(
     expect(page.locator("#status")).to_contain_text("online")
     assert page.evaluate("window.roomcast.lastClose") is None
     assert len(chat.urls) == 1
+
+    # Another user's token is no renewal: the page reconnects as that user instead.
+    page.fill("#token", _token("bob", name="Bob", rooms=["team-*"]))
+    page.click("#connect")
+    expect(page.locator("#me")).to_have_text("Bob", timeout=WAIT)
+    expect(page.locator("#status")).to_contain_text("online", timeout=WAIT)
+    assert [f["token"] for f in chat.sent if f.get("type") == "refresh"] == [fresh]
+    assert len(chat.urls) == 2
