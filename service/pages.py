@@ -40,6 +40,8 @@ def page_routes(
                 "max_name_chars": settings.max_name_chars,
                 "subprotocol": SUBPROTOCOL,
                 "protocol": PROTOCOL_VERSION,
+                # JWT_SECRET mode: the page asks for a token instead of a display name.
+                "auth": settings.jwt_secret is not None,
             },
             headers={"Cache-Control": "no-store"},
         )

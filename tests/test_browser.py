@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import jwt
 import pytest
 from playwright.sync_api import (
     Browser,
@@ -28,6 +29,7 @@ from playwright.sync_api import (
     sync_playwright,
 )
 
+from .brokers import free_port
 from .servers import Server, start_server
 
 CHROMIUM = "/usr/bin/chromium"
@@ -46,6 +48,9 @@ RECONNECT_WAIT = 20_000  # ms: backoff grows while offline
 WS_URL = re.compile(r"/ws\?")
 RECOVERY_NOTICE = "Some messages could not be recovered; reloading recent history"
 EVIL_NAME = "<img src=x onerror=alert(1)>"
+SECRET = "page-secret-" + "x" * 60  # 64+ bytes: PyJWT warns about keys shorter than the hash
+OTHER_SECRET = "other-secret-" + "y" * 60
+ORIGIN_NOTICE = "This page's origin is not allowed by the server (ALLOWED_ORIGINS)"
 
 
 @dataclass
@@ -67,6 +72,17 @@ class Chat:
         page.fill("#room", room)
         page.click("#connect")
         expect(page.locator("#status")).to_contain_text("online", timeout=WAIT)
+        return self
+
+    def enter(self, url: str, room: str, token: str | None = None) -> Chat:
+        """Open the page of a JWT_SECRET server (with `#token=` when given) and connect to
+        `room`; what happens next is the test's to expect."""
+        page = self.page
+        page.goto(url + (f"#token={token}" if token else ""))
+        expect(page.locator("#token")).to_be_visible(timeout=WAIT)
+        expect(page.locator("#name")).to_be_hidden()
+        page.fill("#room", room)
+        page.click("#connect")
         return self
 
     def say(self, text: str) -> None:
@@ -322,6 +338,9 @@ def test_invalid_room_is_refused_in_the_page(web: Server, new_chat: Callable[[],
     page = chat.page
     page.goto(web.http + "/")
     expect(page.locator("#room")).to_have_value("lobby")
+    # Anonymous mode: a display name, no token field.
+    expect(page.locator("#name")).to_be_visible()
+    expect(page.locator("#token")).to_be_hidden()
     page.fill("#room", "no spaces allowed")
     page.click("#connect")
     expect(page.locator("#notice")).to_contain_text("Room names are 1 to 64", timeout=WAIT)
@@ -420,3 +439,185 @@ def test_heartbeat_ping_and_reconnect_on_silence(web: Server, new_chat: Callable
     # Two pongs kept the first connection; the third ping went unanswered.
     assert pings[:3] == [1, 1, 1], pings
     assert connections[1] - connections[0] >= 3.0
+
+
+# --- JWT_SECRET mode: the page with tokens, behind ALLOWED_ORIGINS ----------------
+
+
+def _token(sub: str, *, secret: str = SECRET, ttl: float = 3600, **claims: Any) -> str:
+    """A token minted here with PyJWT, as the application's backend would."""
+    payload: dict[str, Any] = {"sub": sub, "exp": int(time.time() + ttl), **claims}
+    return jwt.encode(payload, secret, algorithm="HS256")
+
+
+def _team() -> str:
+    return "team-" + uuid.uuid4().hex[:10]
+
+
+def _refused(chat: Chat, code: int) -> None:
+    """Closed with `code`, and not retrying: no backoff timer, no second socket."""
+    page = chat.page
+    expect(page.locator("#status")).to_have_attribute("data-state", "disconnected", timeout=WAIT)
+    assert page.evaluate("window.roomcast.lastClose") == code
+    assert page.evaluate("window.roomcast.retrying") is False
+    assert page.evaluate("window.roomcast.attempt") == 0
+    assert len(chat.urls) == 1
+
+
+@pytest.fixture(scope="module")
+def secured() -> Iterator[Server]:
+    """JWT_SECRET set, and ALLOWED_ORIGINS listing only the page's own origin."""
+    port = free_port()
+    env = {"JWT_SECRET": SECRET, "ALLOWED_ORIGINS": f"http://127.0.0.1:{port}"}
+    srv = start_server(env, ["--port", str(port)])
+    assert srv.port == port
+    yield srv
+    srv.terminate()
+
+
+def test_token_page_chats_as_the_token_user(secured: Server, new_chat: Callable[[], Chat]) -> None:
+    room = _team()
+    alice_token = _token("alice", name="Alice", rooms=["team-*"])
+    alice = new_chat().enter(secured.http + "/", room, alice_token)
+    page = alice.page
+    expect(page.locator("#status")).to_contain_text("online", timeout=WAIT)
+    # The fragment left the address bar for this tab's sessionStorage.
+    assert page.evaluate("location.hash") == ""
+    assert page.evaluate("sessionStorage.getItem('roomcast.token')") == alice_token
+    expect(page.locator("#token")).to_have_attribute("type", "password")
+    expect(page.locator("#me")).to_have_text("Alice", timeout=WAIT)
+    alice.say("hello as Alice")
+    expect(page.locator("#messages .msg.mine .text")).to_have_text(["hello as Alice"], timeout=WAIT)
+    expect(page.locator("#messages .msg .who")).to_have_text(["Alice"])
+
+    bob = new_chat().enter(secured.http + "/", room, _token("bob", name="Bob", rooms=["team-*"]))
+    expect(bob.page.locator("#status")).to_contain_text("online", timeout=WAIT)
+    expect(bob.page.locator("#messages .msg .text")).to_have_text(["hello as Alice"], timeout=WAIT)
+    expect(bob.page.locator("#messages .msg .who")).to_have_text(["Alice"])
+    for me, names in ((alice, ["Alice", "Bob"]), (bob, ["Bob", "Alice"])):
+        expect(me.page.locator("#online li")).to_have_text(names, timeout=WAIT)
+        expect(me.page.locator("#online-count")).to_have_text("2", timeout=WAIT)
+    expect(page.locator('#online li.me[data-user-id="alice"]')).to_have_count(1)
+    expect(bob.page.locator('#online li.me[data-user-id="bob"]')).to_have_count(1)
+
+    # The token went in the handshake's subprotocols: never in a URL, never echoed back.
+    for chat in (alice, bob):
+        assert chat.urls and all("token" not in url and "username=" not in url for url in chat.urls)
+        assert chat.page.evaluate("window.roomcast.socket.protocol") == "roomcast.v1"
+    assert alice_token not in secured.log()
+
+    page.reload()  # the token survives in sessionStorage; the page comes back by itself
+    expect(page.locator("#status")).to_contain_text("online", timeout=WAIT)
+    expect(page.locator("#me")).to_have_text("Alice", timeout=WAIT)
+    expect(page.locator("#token")).to_have_value(alice_token)
+    assert page.evaluate("location.hash") == ""
+    assert len(alice.urls) == 2
+    expect(bob.page.locator("#online-count")).to_have_text("2", timeout=WAIT)
+    alice.say("back after a reload")
+    expect(bob.page.locator("#messages .msg .who")).to_have_text(["Alice", "Alice"], timeout=WAIT)
+
+
+def test_token_page_from_an_unlisted_origin_is_refused(
+    secured: Server, new_chat: Callable[[], Chat]
+) -> None:
+    """`localhost` reaches the same server (127.0.0.1) but is another origin."""
+    chat = new_chat()
+    other_origin = f"http://localhost:{secured.port}/"
+    chat.enter(other_origin, _team(), _token("alice", name="Alice", rooms=["team-*"]))
+    expect(chat.page.locator("#notice")).to_contain_text(ORIGIN_NOTICE, timeout=WAIT)
+    expect(chat.page.locator("#notice")).to_contain_text("http://localhost:")
+    _refused(chat, 4403)
+    assert [f.get("code") for f in chat.received] == ["origin_not_allowed"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "problem"),
+    [
+        ("missing", "This server needs a token"),
+        ("other-secret", "Your token was refused: The token's signature does not verify"),
+        ("expired", "Your token was refused: The token has expired"),
+    ],
+)
+def test_refused_token_then_a_pasted_one_connects(
+    secured: Server, new_chat: Callable[[], Chat], kind: str, problem: str
+) -> None:
+    bad = {
+        "missing": None,
+        "other-secret": _token("alice", secret=OTHER_SECRET, name="Alice"),
+        "expired": _token("alice", ttl=-60, name="Alice"),
+    }[kind]
+    room = _team()
+    chat = new_chat().enter(secured.http + "/", room, bad)
+    page = chat.page
+    expect(page.locator("#notice")).to_contain_text(problem, timeout=WAIT)
+    _refused(chat, 4401)
+    # A refused token is not kept for the next reload.
+    assert page.evaluate("sessionStorage.getItem('roomcast.token')") is None
+
+    good = _token("alice", name="Alice", rooms=["team-*"])
+    page.fill("#token", good)
+    page.click("#connect")
+    expect(page.locator("#status")).to_contain_text("online", timeout=WAIT)
+    expect(page.locator("#me")).to_have_text("Alice", timeout=WAIT)
+    expect(page.locator("#notice")).to_be_empty()
+    assert page.evaluate("sessionStorage.getItem('roomcast.token')") == good
+    assert len(chat.urls) == 2
+
+
+def test_room_not_in_the_token_is_forbidden(secured: Server, new_chat: Callable[[], Chat]) -> None:
+    """The token's name (markup here) is shown as text, like everything a token supplies."""
+    chat = new_chat().enter(
+        secured.http + "/", "lobby", _token("mallory", name=EVIL_NAME, rooms=["team-*"])
+    )
+    page = chat.page
+    expect(page.locator("#notice")).to_contain_text(
+        "Cannot join lobby: Your token does not permit room 'lobby'.", timeout=WAIT
+    )
+    expect(page.locator("#status")).to_have_attribute("data-state", "disconnected", timeout=WAIT)
+    assert [f.get("code") for f in chat.received if f.get("type") == "error"] == ["forbidden"]
+    assert page.evaluate("window.roomcast.retrying") is False
+
+    # A room the token permits, from the same page.
+    page.fill("#room", _team())
+    page.click("#connect")
+    expect(page.locator("#status")).to_contain_text("online", timeout=WAIT)
+    expect(page.locator("#me")).to_have_text(EVIL_NAME, timeout=WAIT)
+    expect(page.locator("#online li.me")).to_have_text(EVIL_NAME, timeout=WAIT)
+    assert page.evaluate("document.querySelectorAll('img').length") == 0
+    assert chat.dialogs == []
+
+
+def test_expiring_token_is_warned_about_and_refreshed(
+    secured: Server, new_chat: Callable[[], Chat]
+) -> None:
+    """Pasting a new token while connected sends `refresh`: the connection outlives the
+    first token's `exp` (at which the server would close it with 4401)."""
+    room = _team()
+    short = _token("alice", ttl=8, name="Alice", rooms=["team-*"])
+    chat = new_chat().enter(secured.http + "/", room, short)
+    page = chat.page
+    expect(page.locator("#status")).to_contain_text("online", timeout=WAIT)
+    expect(page.locator("#notice")).to_contain_text("Your token expires in", timeout=WAIT)
+
+    fresh = _token("alice", name="Alice", rooms=["team-*"])
+    page.fill("#token", fresh)
+    page.click("#connect")
+    expect(page.locator("#notice")).to_have_text("Token renewed.", timeout=WAIT)
+    assert [f["token"] for f in chat.sent if f.get("type") == "refresh"] == [fresh]
+    assert page.evaluate("sessionStorage.getItem('roomcast.token')") == fresh
+
+    expires = jwt.decode(short, options={"verify_signature": False})["exp"]
+    page.wait_for_function(f"Date.now() > {(expires + 1) * 1000}", timeout=WAIT + 8_000)
+    chat.say("still here")
+    expect(page.locator("#messages .msg .text")).to_have_text(["still here"], timeout=WAIT)
+    expect(page.locator("#status")).to_contain_text("online")
+    assert page.evaluate("window.roomcast.lastClose") is None
+    assert len(chat.urls) == 1
+
+    # Another user's token is no renewal: the page reconnects as that user instead.
+    page.fill("#token", _token("bob", name="Bob", rooms=["team-*"]))
+    page.click("#connect")
+    expect(page.locator("#me")).to_have_text("Bob", timeout=WAIT)
+    expect(page.locator("#status")).to_contain_text("online", timeout=WAIT)
+    assert [f["token"] for f in chat.sent if f.get("type") == "refresh"] == [fresh]
+    assert len(chat.urls) == 2
