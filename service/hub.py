@@ -27,6 +27,7 @@ from .envelopes import (
     Chat,
     Close,
     Envelope,
+    Error,
     ErrorCode,
     Joined,
     Left,
@@ -56,6 +57,9 @@ GAP_GRACE: Final = 0.05
 JOIN_READS: Final = 8
 # How long notify/disconnect wait for every worker to say how many connections it reached.
 TALLY_TIMEOUT: Final = 2.0
+_DISCONNECTED: Final = (
+    "The application ended this user's connections: get a new token before reconnecting."
+)
 _SYSTEM_PREFIX: Final = '{"type":"system"'
 
 
@@ -485,8 +489,10 @@ class Hub:
         return await self._ask(_UserDelivery(user_id, frame=frame))
 
     async def disconnect_user(self, user_id: str, code: int = Close.UNAUTHORIZED) -> int:
-        """Close every connection of one user, on every worker; how many there were."""
-        return await self._ask(_UserDelivery(user_id, close=code))
+        """Close every connection of one user, on every worker; how many there were.
+        Each gets an `error` saying why first (a browser sees no close reason)."""
+        frame = encode(Error("unauthorized", _DISCONNECTED)) if code == Close.UNAUTHORIZED else None
+        return await self._ask(_UserDelivery(user_id, frame=frame, close=code))
 
     async def _ask(self, delivery: _UserDelivery) -> int:
         """Publish `delivery` and sum the workers' answers. A worker that does not
@@ -610,11 +616,12 @@ class Hub:
     def _deliver_to_user(self, delivery: _UserDelivery) -> None:
         reached = 0
         for conn in list(self.users.get(delivery.user, ())):
-            if delivery.frame is None or conn.push(delivery.frame):
-                reached += 1
+            pushed = delivery.frame is None or conn.push(delivery.frame)
             if delivery.close is not None:
                 conn.close_after_queued(delivery.close)
-        if delivery.frame is not None:
+            if pushed or delivery.close is not None:
+                reached += 1
+        if delivery.frame is not None and delivery.close is None:
             metrics.DELIVERIES.inc(reached)
         if delivery.ask is not None:
             self.spawn(self._answer(_Tally(delivery.ask, reached)))

@@ -315,7 +315,9 @@ async def test_notify_counts_connections_and_disconnect_closes_4401(api_server: 
         ) == {"delivered": 0}
         assert await api(api_server, "POST", f"/api/users/{user}/disconnect") == {"disconnected": 2}
         for conn in (one, two):
-            await conn.expect_close(4401)
+            (why,) = await conn.expect_close(4401)
+            assert (why["type"], why["code"]) == ("error", "unauthorized"), why
+            assert "ended this user's connections" in why["detail"]
         await other.ping("still-here")
 
 
