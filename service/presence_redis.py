@@ -11,7 +11,8 @@ workers' keys), with `B` = `{prefix}:{presence}:`:
 - `B workers:R`      set: the workers with a `conn:W:R`
 - `B users:R`        sorted set: the room's users, scored by first arrival (µs)
 - `B names:R`        hash: user id -> display name
-- `B leases`         set: every worker that took a lease (pruned by `workers()`)
+- `B leases`         set: the workers that took a lease (pruned by `workers()`; expires
+                     like room keys once no live worker renews it)
 
 (W has a fixed length, so `conn:W:R` names one worker and room; the user id
 is only ever a hash field or set member, never part of a key.)
@@ -292,11 +293,16 @@ class RedisPresence(LeasedPresence):
         try:
             await cast(Awaitable[bool], client.ping())
             await client.set(self._base + "lease:" + worker, "1", px=self.ttl_ms, nx=True)
-            await cast(Awaitable[int], client.sadd(self._base + "leases", worker))
         except BaseException:
             await client.aclose()
             raise
         self._redis, self.worker = client, worker
+        try:
+            await self._enlist(client)
+        except BaseException:
+            self._redis = None
+            await client.aclose()
+            raise
         self._scripts = {
             name: client.register_script(text)
             for name, text in (
@@ -411,6 +417,7 @@ class RedisPresence(LeasedPresence):
         client = self._redis
         assert client is not None
         renewed = await client.set(self._worker_keys()[0], "1", px=self.ttl_ms, xx=True)
+        await self._enlist(client)
         if not renewed or self._dirty:
             if not renewed:
                 log.warning("presence lease of worker %s was lost: restoring", self.worker)
@@ -422,6 +429,13 @@ class RedisPresence(LeasedPresence):
                 args=[self._base, self.worker, self.data_ttl_ms, *rooms[i : i + _TOUCH_BATCH]],
             )
 
+    async def _enlist(self, client: aioredis.Redis) -> None:
+        """List this worker in `leases`, which outlives the last live worker by data_ttl."""
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.sadd(self._base + "leases", self.worker)
+            pipe.pexpire(self._base + "leases", self.data_ttl_ms)
+            await pipe.execute()
+
     async def _resync(self, client: aioredis.Redis) -> None:
         """Rewrite this worker's entries from `_mine`, with add/remove held off."""
         self._gate.clear()
@@ -430,7 +444,6 @@ class RedisPresence(LeasedPresence):
             self._dirty = False
             lease, rooms_key = self._worker_keys()
             await client.set(lease, "1", px=self.ttl_ms)
-            await cast(Awaitable[int], client.sadd(self._base + "leases", self.worker))
             listed = await cast(Awaitable[set[str]], client.smembers(rooms_key))
             for room in sorted(set(self._mine) | listed):
                 args: list[Any] = [self._base, self.worker, room, self.data_ttl_ms]

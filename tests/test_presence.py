@@ -278,7 +278,8 @@ async def test_concurrent_workers_decide_first_and_last_exactly_once(workers: Wo
     for i in range(len(users)):
         assert sum(lasts[i * len(ps) : (i + 1) * len(ps)]) == 1
     assert await within(ps[1].snapshot("r", 10)) == (0, [])
-    assert await workers.keys() == {f"{workers.prefix}:{{presence}}:lease:{p.worker}" for p in ps}
+    base = f"{workers.prefix}:{{presence}}:"
+    assert await workers.keys() == {base + "leases"} | {f"{base}lease:{p.worker}" for p in ps}
 
 
 async def test_a_crashed_worker_leaves_snapshots_within_the_ttl(workers: Workers) -> None:
