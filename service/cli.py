@@ -17,6 +17,7 @@ from dataclasses import fields
 from pathlib import Path
 from urllib.parse import unquote_plus
 
+from . import cli_client
 from .settings import Settings, SettingsError, safe_url
 
 log = logging.getLogger("roomcast")
@@ -283,6 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     sub.choices["serve"].set_defaults(run=serve)
     _token_parser(sub)
+    cli_client.register(sub)
     args = parser.parse_args(argv)
     try:
         code = int(args.run(args))
