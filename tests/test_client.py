@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -34,6 +35,7 @@ from .servers import Server, start_server
 from .test_cli import free_port
 
 TIMEOUT = 10.0
+README = Path(__file__).resolve().parent.parent / "README.md"
 E = TypeVar("E")
 
 
@@ -314,3 +316,23 @@ async def test_heartbeat_pings_a_silent_server_and_reconnects_when_it_stops_answ
         if stopped:
             os.kill(server.process.pid, signal.SIGCONT)
         server.terminate()
+
+
+async def test_readme_client_example_runs(srv: Server, capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's "Python client" example, as written, against a real server."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    example = next(b for b in blocks if "Client(url" in b)
+    assert example.rstrip().endswith("asyncio.run(main())")
+    namespace: dict[str, Any] = {"__name__": "readme_client"}
+    exec(
+        compile(example.rstrip().removesuffix("asyncio.run(main())"), str(README), "exec"),
+        namespace,
+    )
+    async with connected(srv.ws) as other:
+        await other.join("lobby")
+        await other.send("lobby", "before ann")
+        async with asyncio.timeout(TIMEOUT):
+            await namespace["main"](srv.ws)
+    printed = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"#\d+ guest-\w+: before ann", printed[-2]), printed
+    assert re.fullmatch(r"#\d+ ann: hello", printed[-1]), printed
