@@ -4,6 +4,7 @@ restarts under it, recovery failure, token refresh and the heartbeat."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import re
 import signal
@@ -336,3 +337,42 @@ async def test_readme_client_example_runs(srv: Server, capsys: pytest.CaptureFix
     printed = capsys.readouterr().out.splitlines()
     assert re.fullmatch(r"#\d+ guest-\w+: before ann", printed[-2]), printed
     assert re.fullmatch(r"#\d+ ann: hello", printed[-1]), printed
+
+
+async def test_a_client_that_stops_reading_is_closed_4408_and_recovers_everything() -> None:
+    """Backpressure: with the iterator not read, the client stops reading the socket, the
+    server closes it as a slow consumer (4408); read again, it reconnects with `since` and
+    yields every message once, in order."""
+    # Incompressible (permessage-deflate is on): few frames fill the socket buffers.
+    big = base64.b64encode(os.urandom(44_990)).decode()
+    server = start_server(
+        {
+            "OUTBOX_SIZE": "16",
+            "MAX_TEXT_CHARS": "60000",
+            "MAX_MESSAGE_BYTES": "61000",
+            "RATE_LIMIT": "5000",
+        }
+    )
+    count = 200
+    try:
+        async with connected(server.ws) as writer, connected(server.ws, max_queue=1) as slow:
+            await slow.join("slow")
+            await writer.join("slow")
+            async with asyncio.timeout(60):
+                for n in range(count):
+                    await writer.send("slow", f"{n}:{big}")
+            offsets: list[int] = []
+            events: list[Event] = []
+            async with asyncio.timeout(60):
+                while len(offsets) < count:
+                    event = await slow.receive()
+                    events.append(event)
+                    if isinstance(event, Chat):
+                        offsets.append(event.offset)
+                        assert event.text.startswith(f"{event.offset - 1}:")
+            assert offsets == list(range(1, count + 1))
+            closes = [e.code for e in events if isinstance(e, Disconnected)]
+            assert closes == [4408], closes
+            assert not any(isinstance(e, RecoveryFailed) for e in events)
+    finally:
+        server.terminate()
