@@ -312,6 +312,7 @@ class Client:
         self._last_heard = 0.0
         self._runner: asyncio.Task[None] | None = None
         self._fatal: ClientError | None = None
+        self._ended = False
         self._closing = False
 
     # --- lifecycle -----------------------------------------------------------
@@ -414,9 +415,8 @@ class Client:
         return self
 
     async def __anext__(self) -> Event:
-        item = await self._events.get()
+        item = _END if self._ended and self._events.empty() else await self._events.get()
         if item is _END:
-            self._events.put_nowait(_END)  # later calls end too
             fatal = self._fatal
             if fatal is not None and not (
                 isinstance(fatal, Closed) and fatal.close_code in (None, Close.NORMAL)
@@ -634,11 +634,9 @@ class Client:
                 future.set_exception(self._fatal)
         self._futures.clear()
         self._inflight.clear()
-        try:
-            self._events.put_nowait(_END)
-        except asyncio.QueueFull:  # the caller stopped reading; it finds the end later
-            self._events.get_nowait()
-            self._events.put_nowait(_END)
+        self._ended = True
+        with contextlib.suppress(asyncio.QueueFull):  # full: __anext__ sees _ended when drained
+            self._events.put_nowait(_END)  # wakes an __anext__ waiting on an empty queue
 
     # --- heartbeat and token refresh -----------------------------------------
 

@@ -28,6 +28,9 @@ from service.client import (
     Reconnected,
     RecoveryFailed,
     Unauthorized,
+    backoff_delay,
+    refresh_margin,
+    token_expiry,
     ws_endpoint,
 )
 from service.envelopes import Ack, Chat, Joined, Left, Presence, System
@@ -84,6 +87,16 @@ def test_url_is_normalised_to_the_multiplexed_endpoint() -> None:
     assert ws_endpoint("wss://h/ws?x=1", q) == "wss://h/ws?x=1&client=c1"
     with pytest.raises(ValueError):
         ws_endpoint("ftp://h", q)
+
+
+def test_backoff_refresh_margin_and_token_expiry() -> None:
+    assert all(0 <= backoff_delay(n, 0.25, 8.0) <= min(8.0, 0.25 * 2**n) for n in range(12))
+    assert refresh_margin(3) == 1.0 and refresh_margin(40) == 10.0 and refresh_margin(1e6) == 60
+    token = mint_token(SECRET, "ann", ttl=100)
+    expiry = token_expiry(token)
+    assert expiry is not None and abs(expiry - (time.time() + 100)) < 2
+    assert token_expiry(mint_token(SECRET, "ann", ttl=None)) is None
+    assert token_expiry("not-a-jwt") is None
 
 
 async def test_join_send_ack_presence_leave_are_typed(srv: Server) -> None:
@@ -208,8 +221,11 @@ async def test_a_restart_under_the_client_loses_and_duplicates_nothing(tmp_path:
             assert any(isinstance(e, Reconnected) for e in events), events
             assert not any(isinstance(e, RecoveryFailed) for e in events), events
             assert sender.resent >= 1  # chats in flight at the 1012 went again, same ref
-            # The sender's stable id survived the reconnect: same user, same room.
-            assert (await sender.presence(room)).online == 2
+            # The stable client id survived the reconnect: the same users, in the room.
+            reconnected = next(e for e in events if isinstance(e, Reconnected))
+            assert reconnected.welcome.user.id == receiver.client_id
+            presence = await sender.presence(room)
+            assert {u.id for u in presence.users} == {sender.client_id, receiver.client_id}
             # Nothing else arrives late (a duplicate would come right after).
             ack = await sender.send(room, "after")
             assert ack.offset == total + 1
