@@ -290,6 +290,29 @@ async def test_token_refresh_keeps_the_connection_past_the_first_exp(jwt_srv: Se
         assert not any(isinstance(e, Disconnected | Reconnected) for e in before), before
 
 
+async def test_after_4401_the_client_reconnects_with_a_refreshed_token(jwt_srv: Server) -> None:
+    """The refresh before `exp` fails, so the server closes with 4401; the client asks
+    token_refresh again before reconnecting, and recovers the room."""
+    calls: list[float] = []
+
+    async def refresh() -> str:
+        calls.append(time.time())
+        if len(calls) == 1:
+            raise RuntimeError("the token service is down for a moment")
+        return mint_token(SECRET, "cat", name="Cat", ttl=60)
+
+    token = mint_token(SECRET, "cat", name="Cat", ttl=2)
+    async with connected(jwt_srv.ws, token=token, token_refresh=refresh) as client:
+        await client.join("renewed")
+        lost, _ = await next_of(client, Disconnected)
+        assert lost.code == 4401
+        await next_of(client, Reconnected)
+        assert len(calls) == 2 and client.token != token
+        assert (await client.send("renewed", "back")).offset == 1
+        chat, before = await next_of(client, Chat)
+        assert chat.text == "back" and not any(isinstance(e, RecoveryFailed) for e in before)
+
+
 async def test_a_bad_token_is_unauthorized_and_an_expired_one_ends_iteration(
     jwt_srv: Server,
 ) -> None:
