@@ -337,7 +337,7 @@ class Client:
                     raise
                 await self._refresh_token()  # once: the token may just have expired
                 ws = await self._open()
-        except (OSError, TimeoutError, InvalidHandshake) as exc:
+        except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed) as exc:
             raise ConnectionFailed(
                 "connection_failed", f"cannot connect to {self._safe_url()}: {exc}"
             ) from None
