@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import fields
 from pathlib import Path
 
-from . import cli_api
+from . import cli_api, cli_client
 from .logs import FORMATS, log_config
 from .settings import Settings, SettingsError, safe_url
 
@@ -241,8 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.choices["serve"].set_defaults(run=serve)
     _token_parser(sub)
     cli_api.register(sub)
-    for name in ("publish", "notify", "disconnect"):
-        sub.choices[name].set_defaults(run=cli_api.main)
+    cli_client.register(sub)
     args = parser.parse_args(argv)
     try:
         code = int(args.run(args))

@@ -44,18 +44,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     publish.add_argument("--user-name", help="the chat's author name (with --text)")
     publish.add_argument("--ref", help="idempotency key: publishing it again publishes nothing")
     _common(publish)
-    publish.set_defaults(handler=run_publish)
+    publish.set_defaults(handler=run_publish, run=main)
 
     notify = sub.add_parser("notify", help="send a notification to every connection of a user")
     notify.add_argument("user")
     _notification(notify, required=True)
     _common(notify)
-    notify.set_defaults(handler=run_notify)
+    notify.set_defaults(handler=run_notify, run=main)
 
     disconnect = sub.add_parser("disconnect", help="close every connection of a user (4401)")
     disconnect.add_argument("user")
     _common(disconnect)
-    disconnect.set_defaults(handler=run_disconnect)
+    disconnect.set_defaults(handler=run_disconnect, run=main)
 
 
 def base_url(given: str | None) -> str:
@@ -72,7 +72,16 @@ def base_url(given: str | None) -> str:
 
 
 class CommandError(Exception):
-    """A one-line message for stderr; the command exits 1."""
+    """A one-line message for stderr, and the exit code (those of `roomcast listen`/`send`)."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# HTTP status -> exit code, as cli_client's for the same kinds of failure.
+_EXIT_BY_STATUS = {401: 4, 404: 7, 400: 6}
+EXIT_UNREACHABLE = 3
 
 
 def call(args: argparse.Namespace, path: str, body: dict[str, Any] | None) -> Any:
@@ -99,10 +108,10 @@ def call(args: argparse.Namespace, path: str, body: dict[str, Any] | None) -> An
             reason = f"{error['error']}: {error['detail']}"
         except (ValueError, KeyError, TypeError):
             reason = raw.decode(errors="replace")[:200] or exc.reason
-        raise CommandError(f"{exc.code} {reason}") from None
+        raise CommandError(f"{exc.code} {reason}", _EXIT_BY_STATUS.get(exc.code, 1)) from None
     except (urllib.error.URLError, OSError) as exc:
         why = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-        raise CommandError(f"cannot reach {url}: {why}") from None
+        raise CommandError(f"cannot reach {url}: {why}", EXIT_UNREACHABLE) from None
 
 
 def _quote(value: str) -> str:
@@ -151,6 +160,6 @@ def main(args: argparse.Namespace) -> int:
         answer = args.handler(args)
     except CommandError as exc:
         print(f"roomcast {args.command}: {exc}", file=sys.stderr)
-        return 1
+        return exc.code
     print(json.dumps(answer))
     return 0

@@ -1,4 +1,4 @@
-"""HTTP routes that are not the API: the chat page, health, readiness, schema, metrics."""
+"""HTTP routes that are not the API: the chat page, health, readiness, schemas, metrics."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.templating import Jinja2Templates
 
-from . import metrics
+from . import asyncapi, metrics
 from .envelopes import PROTOCOL_VERSION, SUBPROTOCOL
 from .hub import Hub
 from .settings import Settings
@@ -29,6 +29,7 @@ def page_routes(
     hub: Hub, settings: Settings, schema_document: dict[str, object]
 ) -> list[BaseRoute]:
     templates = Jinja2Templates(directory=templates_dir())
+    asyncapi_document = asyncapi.document(schema_document)
 
     async def index(request: Request) -> Response:
         return templates.TemplateResponse(
@@ -69,6 +70,9 @@ def page_routes(
     async def schema_json(request: Request) -> Response:
         return JSONResponse(schema_document)
 
+    async def asyncapi_json(request: Request) -> Response:
+        return JSONResponse(asyncapi_document)
+
     async def prometheus(request: Request) -> Response:
         # In a thread: with several workers, the exposition reads their files.
         body, content_type = await run_in_threadpool(
@@ -81,5 +85,6 @@ def page_routes(
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/schema.json", schema_json, methods=["GET"]),
+        Route("/asyncapi.json", asyncapi_json, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
     ]

@@ -426,33 +426,36 @@ async def test_cli_publish_notify_disconnect(api_server: Server) -> None:
 
 
 @pytest.mark.parametrize(
-    ("args", "env", "phrase"),
+    ("args", "env", "phrase", "code"),
     [
-        (["notify", "bob", "--title", "t", "--body", "b"], {}, "no API key"),
+        (["notify", "bob", "--title", "t", "--body", "b"], {}, "no API key", 1),
         (
             ["notify", "bob", "--title", "t", "--body", "b"],
             {"API_KEY": "wrong"},
             "401 unauthorized",
+            4,
         ),
         (
             ["publish", "bad room", "--title", "t", "--body", "b"],
             {"API_KEY": KEY},
             "400 invalid_room",
+            6,
         ),
-        (["publish", "lobby", "--title", "t"], {"API_KEY": KEY}, "needs --title and --body"),
-        (["publish", "lobby", "--text", "hi"], {"API_KEY": KEY}, "--user-id"),
+        (["publish", "lobby", "--title", "t"], {"API_KEY": KEY}, "needs --title and --body", 1),
+        (["publish", "lobby", "--text", "hi"], {"API_KEY": KEY}, "--user-id", 1),
         (
             ["publish", "lobby", "--title", "t", "--body", "b", "--data", "{"],
             {"API_KEY": KEY},
             "--data is not JSON",
+            1,
         ),
     ],
 )
 def test_cli_errors_are_one_line(
-    api_server: Server, args: list[str], env: dict[str, str], phrase: str
+    api_server: Server, args: list[str], env: dict[str, str], phrase: str, code: int
 ) -> None:
     run = roomcast(*args, "--url", api_server.http, env=env)
-    assert run.returncode == 1, run
+    assert run.returncode == code, run
     assert phrase in run.stderr and run.stderr.count("\n") == 1, run.stderr
     assert not run.stdout
 
@@ -464,7 +467,7 @@ def test_cli_says_when_the_server_is_down() -> None:
         "notify", "bob", "--title", "t", "--body", "b",
         "--url", f"http://127.0.0.1:{free_port()}", env={"API_KEY": KEY},
     )  # fmt: skip
-    assert run.returncode == 1
+    assert run.returncode == 3  # as `roomcast send` when the server is down
     assert "cannot reach" in run.stderr and "refused" in run.stderr, run.stderr
     assert run.stderr.count("\n") == 1
 
