@@ -1,7 +1,8 @@
 """GET /asyncapi.json: an AsyncAPI 3 document generated from the Structs.
 
-No PyPI package ships the AsyncAPI 3 JSON Schema, so the structure is checked
-here: the version, every `$ref` resolves, every envelope of both directions
+The served document validates against the official AsyncAPI 3.0.0 JSON Schema
+(from the npm package @asyncapi/specs, in tests/data: no PyPI package ships
+it). On top of that: every `$ref` resolves, every envelope of both directions
 is a message of both channels, operations point at channel messages, the
 close codes are described, and the message payloads validate real frames.
 """
@@ -9,6 +10,7 @@ close codes are described, and the message payloads validate real frames.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -36,6 +38,13 @@ from service.envelopes import Notification as NotificationEnvelope
 
 from .servers import Server
 from .support import client, http_get
+
+SPEC = Path(__file__).parent / "data" / "asyncapi-3.0.0.schema.json"
+
+
+def spec_errors(doc: dict[str, Any]) -> list[str]:
+    validator = Draft7Validator(json.loads(SPEC.read_text()))
+    return [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(doc)]
 
 
 def resolve(doc: dict[str, Any], ref: str) -> Any:
@@ -120,6 +129,7 @@ def test_every_close_code_is_described() -> None:
 async def test_served_document_validates_real_frames(server: Server) -> None:
     status, doc = http_get(server, "/asyncapi.json")
     assert status == 200
+    assert not spec_errors(doc)
     status, published = http_get(server, "/schema.json")
     assert doc == json.loads(json.dumps(document(published)))
     outgoing = messages_by(doc, "send")
@@ -188,7 +198,20 @@ def test_custom_envelope_types_are_in_the_document() -> None:
 
     with TestClient(rc) as http:
         doc = http.get("/asyncapi.json").json()
+    assert not spec_errors(doc)
     assert messages_by(doc, "receive")["typing"] == "Typing"
     assert messages_by(doc, "send")["typing_notice"] == "TypingNotice"
     frame = msgspec.json.decode(encode(TypingNotice(room="lobby", user="ann")))
     assert not list(payload_validator(doc, "TypingNotice").iter_errors(frame))
+
+
+def test_the_spec_check_rejects_a_broken_document() -> None:
+    """The official schema is strict enough to catch what a generator gets wrong."""
+    doc = json.loads(json.dumps(document(schema())))
+    assert not spec_errors(doc)
+    broken = json.loads(json.dumps(doc))
+    broken["operations"]["send_multiplexed"]["action"] = "publish"  # AsyncAPI 2's word
+    assert spec_errors(broken)
+    broken = json.loads(json.dumps(doc))
+    del broken["info"]["version"]
+    assert spec_errors(broken)
