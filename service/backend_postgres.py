@@ -14,7 +14,11 @@ error on payloads of 8000 bytes, and never notices a lost connection: its
 - a small pool NOTIFYs (`SELECT pg_notify($1, $2)`), one at a time per
   channel, so a channel's messages keep the order of the `publish()` calls.
   A payload over 7999 bytes raises `ValueError` before reaching the server;
-- channel names map injectively onto Postgres channel names (`pg_channel`).
+- channel names map injectively onto Postgres channel names (`pg_channel`);
+- `?prefix=` (default `roomcast`) separates deployments sharing a database.
+  A channel name has no room left for it (a 64-character room already packs
+  into 62 characters), so it travels in the payload instead, `prefix␠message`,
+  and notifications of another prefix are dropped on arrival.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import asyncpg  # type: ignore[import-untyped]
 from broadcaster import Event
 from broadcaster._backends.base import BroadcastBackend
 
-from .settings import safe_url
+from .settings import safe_url, split_prefix
 from .turns import Turns
 
 log = logging.getLogger("roomcast.backend.postgres")
@@ -106,6 +110,7 @@ class _Session:
 
     listener: Any  # asyncpg.Connection
     pool: Any  # asyncpg.Pool
+    tag: str  # "<prefix> ": what starts this deployment's payloads
     queue: asyncio.Queue[Event | ConnectionError] = field(default_factory=asyncio.Queue)
     # asyncpg runs one operation at a time per connection: LISTEN, UNLISTEN and
     # the keepalive take turns on the listener.
@@ -114,7 +119,9 @@ class _Session:
     keepalive: asyncio.Task[None] | None = None
 
     def on_notification(self, _conn: Any, _pid: int, pg_name: str, payload: str) -> None:
-        self.queue.put_nowait(Event(channel=channel_name(pg_name), message=payload))
+        if payload.startswith(self.tag):  # else: another deployment's (another prefix)
+            message = payload[len(self.tag) :]
+            self.queue.put_nowait(Event(channel=channel_name(pg_name), message=message))
 
     def on_termination(self, _conn: Any) -> None:
         self.lost("the Postgres listening connection was closed")
@@ -124,7 +131,6 @@ class _Session:
 
 
 class PostgresBackend(BroadcastBackend):
-    max_payload: Final = MAX_PAYLOAD_BYTES
 
     def __init__(
         self,
@@ -138,7 +144,10 @@ class PostgresBackend(BroadcastBackend):
             raise ValueError(
                 f"BROADCAST_URL={safe_url(url)!r}: expected postgres:// or postgresql://"
             )
-        self.url = url
+        self.url, prefix = split_prefix(url, "BROADCAST_URL")
+        self.tag = prefix + " "
+        # The largest message NOTIFY carries once the tag is in front of it.
+        self.max_payload = MAX_PAYLOAD_BYTES - len(self.tag.encode())
         self.pool_size = pool_size
         self.timeout = timeout
         self.keepalive = keepalive
@@ -163,7 +172,7 @@ class PostgresBackend(BroadcastBackend):
         except BaseException:
             listener.terminate()
             raise
-        session = _Session(listener, pool)
+        session = _Session(listener, pool, self.tag)
         listener.add_termination_listener(session.on_termination)
         session.keepalive = asyncio.create_task(
             self._keep_alive(session), name="roomcast-postgres-keepalive"
@@ -215,17 +224,17 @@ class PostgresBackend(BroadcastBackend):
         if not isinstance(message, str):
             raise TypeError(f"message must be str, not {type(message).__name__}")
         size = len(message.encode())
-        if size > MAX_PAYLOAD_BYTES:
+        if size > self.max_payload:
             raise ValueError(
                 f"envelope of {size} bytes exceeds Postgres NOTIFY's 8000-byte limit "
-                f"(at most {MAX_PAYLOAD_BYTES}): use Redis (BROADCAST_URL=redis://...) "
-                "for larger messages"
+                f"(at most {self.max_payload} with the prefix): use Redis "
+                "(BROADCAST_URL=redis://...) for larger messages"
             )
         session = self._connected()
         name = pg_channel(channel)
         async with session.turns.turn(name):
             await session.pool.execute(
-                "SELECT pg_notify($1, $2)", name, message, timeout=self.timeout
+                "SELECT pg_notify($1, $2)", name, self.tag + message, timeout=self.timeout
             )
 
     async def next_published(self) -> Event:

@@ -235,18 +235,43 @@ async def postgres_backend(url: str, **options: Any) -> AsyncIterator[PostgresBa
 
 async def test_postgres_payload_limit(pg_url: str) -> None:
     async with postgres_backend(pg_url) as backend:
+        # NOTIFY carries 7999 bytes; "roomcast " (the default prefix) goes in front.
+        assert backend.max_payload == 7999 - len("roomcast ")
         a = room_channel("limits")
         await within(backend.subscribe(a))
-        largest = "x" * 7999
+        largest = "x" * backend.max_payload
         await within(backend.publish(a, largest))
         assert await receive(backend, 1) == [(a, largest)]
-        for too_large, size in [("x" * 8000, 8000), ("x" * 8001, 8001), ("é" * 4000, 8000)]:
+        for too_large, size in [("x" * 7991, 7991), ("x" * 8001, 8001), ("é" * 3996, 7992)]:
             with pytest.raises(ValueError, match=f"envelope of {size} bytes exceeds Postgres "
                                "NOTIFY's 8000-byte limit.*use Redis"):  # fmt: skip
                 await within(backend.publish(a, too_large))
-        counted_in_bytes = "é" * 3999 + "x"  # 7999 bytes
-        await within(backend.publish(a, counted_in_bytes))
-        assert await receive(backend, 1) == [(a, counted_in_bytes)]
+        counted_in_bytes = "é" * 3995 + "x"  # 3996 characters, 7991 bytes: one too many
+        with pytest.raises(ValueError):
+            await within(backend.publish(a, counted_in_bytes))
+        await within(backend.publish(a, counted_in_bytes[1:]))  # 7989 bytes
+        assert await receive(backend, 1) == [(a, counted_in_bytes[1:])]
+
+
+async def test_postgres_prefix_separates_deployments_in_one_database(pg_url: str) -> None:
+    async with (
+        postgres_backend(f"{pg_url}?prefix=blue") as blue,
+        postgres_backend(f"{pg_url}?prefix=blue") as blue_too,
+        postgres_backend(f"{pg_url}?prefix=green") as green,
+    ):
+        a = room_channel("shared-name")
+        for backend in (blue, blue_too, green):
+            await within(backend.subscribe(a))
+        await within(green.publish(a, "for green"))
+        await within(blue.publish(a, "for blue"))
+        # Each sees its own deployment's message only, in one channel they share.
+        assert await receive(blue_too, 1) == [(a, "for blue")]
+        assert await receive(blue, 1) == [(a, "for blue")]
+        assert await receive(green, 1) == [(a, "for green")]
+        await within(green.publish(a, "green again"))
+        assert await receive(green, 1) == [(a, "green again")]
+        await within(blue.publish(a, "blue again"))
+        assert await receive(blue_too, 1) == [(a, "blue again")]
 
 
 async def listener_pid(url: str) -> int:
