@@ -22,8 +22,9 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from . import metrics
 from .auth import MAX_SUBJECT_CHARS, sanitize_name
 from .envelopes import Level, Ref, User, is_room_name
 from .hub import Hub, HubError
@@ -109,6 +110,20 @@ class _Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        status = 500
+
+        async def counted(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, counted)
+        finally:
+            metrics.api_request(scope["path"], status)
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.check is None:
             response = _error(404, "not_found", "The HTTP API is off: set API_KEY to enable it.")
         elif not self.check(_header(scope, b"authorization")):

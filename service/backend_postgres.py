@@ -131,7 +131,6 @@ class _Session:
 
 
 class PostgresBackend(BroadcastBackend):
-
     def __init__(
         self,
         url: str,

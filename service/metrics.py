@@ -104,6 +104,12 @@ FANOUT_SECONDS = _histogram(
     "Time of one local fan-out of a room's frame into its members' outboxes.",
     FANOUT_BUCKETS,
 )
+API_REQUESTS = _counter(
+    "roomcast_api_requests",
+    "HTTP API requests, by route (publish, notify, disconnect, history, presence, other) "
+    "and status.",
+    ("route", "status"),
+)
 BROKER_RECONNECTS = _counter(
     "roomcast_broker_reconnects", "Reconnections to the broadcast backend after losing it."
 )
@@ -115,6 +121,22 @@ _IN_BY_TYPE = {
 }
 IN_OTHER: Final = MESSAGES_IN.labels("other")
 _ERROR_BY_CODE = {code: ERRORS.labels(code) for code in get_args(ErrorCode)}
+
+
+API_ROUTES: Final = ("publish", "notify", "disconnect", "history", "presence")
+API_STATUSES: Final = (200, 400, 401, 404, 405, 413, 422, 503)
+_API = {
+    (route, status): API_REQUESTS.labels(route, status)
+    for route in (*API_ROUTES, "other")
+    for status in (*map(str, API_STATUSES), "other")
+}
+
+
+def api_request(path: str, status: int) -> None:
+    """Count one API answer (label values from fixed sets only)."""
+    route = path.rsplit("/", 1)[-1]
+    label = str(status) if status in API_STATUSES else "other"
+    _API[route if route in API_ROUTES else "other", label].inc()
 
 
 def received(kind: type) -> None:

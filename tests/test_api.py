@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -514,3 +515,30 @@ def test_key_check_takes_as_long_whatever_part_of_the_key_is_right() -> None:
     assert spread(naive) > 2.0, "the harness cannot see a timing leak here"
     assert spread(check) < 1.25
     assert check(f"Bearer {key}") and not any(check(h) for h in candidates.values())
+
+
+def api_counts(server: Server) -> dict[tuple[str, str], float]:
+    with urllib.request.urlopen(server.http + "/metrics", timeout=TIMEOUT) as response:
+        text = response.read().decode()
+    found = re.findall(
+        r'^roomcast_api_requests_total\{route="(\w+)",status="(\w+)"\} (\S+)$', text, re.M
+    )
+    return {(route, status): float(value) for route, status, value in found}
+
+
+def test_api_requests_are_counted_by_route_and_status(api_server: Server) -> None:
+    before = api_counts(api_server)
+    assert before[("history", "200")] >= 0 and ("other", "other") in before
+    http(api_server, "GET", "/api/rooms/m/history", None, AUTH)
+    http(api_server, "GET", "/api/rooms/m/history", None, AUTH)
+    http(api_server, "POST", "/api/rooms/m/publish", {"type": "nope"}, AUTH)
+    http(api_server, "GET", "/api/rooms/m/presence", None, {})
+    http(api_server, "GET", "/api/elsewhere", None, AUTH)
+    after = api_counts(api_server)
+    changed = {key: after[key] - before[key] for key in after if after[key] != before[key]}
+    assert changed == {
+        ("history", "200"): 2,
+        ("publish", "422"): 1,
+        ("presence", "401"): 1,
+        ("other", "404"): 1,
+    }
