@@ -120,8 +120,9 @@ class MemoryStore:
         state = self._room(room)
         if dedupe is not None and (seen := state.refs.get(dedupe)) is not None:
             return Appended(self.epoch, seen.offset, seen.data, duplicate=True)
+        data = build(self.epoch, state.top + 1)  # first: a build that fails takes no offset
         state.top += 1
-        entry = _Entry(state.top, self.clock(), build(self.epoch, state.top), dedupe)
+        entry = _Entry(state.top, self.clock(), data, dedupe)
         state.entries.append(entry)
         if dedupe is not None:
             state.refs[dedupe] = entry

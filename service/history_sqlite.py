@@ -5,6 +5,10 @@ so the event loop never blocks on the disk and appends are serialized:
 offsets come out in call order, as with `MemoryStore`. The epoch is kept in
 the file, so a restarted server keeps it and its clients recover; a new file
 (the old one deleted) starts a new epoch.
+
+Group commit: appends that arrive while a batch is being written wait and go
+together in the next one, one transaction and one thread hop for all of them.
+An append still returns only once its transaction is committed.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from dataclasses import dataclass
+from functools import partial
+from typing import Final, TypeVar
 
 from .history import Appended, Build, Page
 from .settings import SettingsError, safe_url
@@ -23,6 +29,16 @@ from .settings import SettingsError, safe_url
 T = TypeVar("T")
 
 _MAX_OFFSET = 2**53  # client offsets are unbounded; above any top they mean the same
+MAX_BATCH: Final = 256  # appends per transaction at most
+
+
+@dataclass(slots=True)
+class _Pending:
+    room: str
+    build: Build
+    dedupe: str | None
+    done: asyncio.Future[Appended]
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -38,6 +54,20 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE UNIQUE INDEX IF NOT EXISTS messages_dedupe ON messages (room, dedupe)
     WHERE dedupe IS NOT NULL;
 """
+
+
+def _switch_to_wal(db: sqlite3.Connection, attempts: int = 100) -> None:
+    """Switching to WAL takes an exclusive lock without waiting for the busy
+    timeout: connections opening the same new file together retry (in the
+    store's thread, never the event loop's)."""
+    for attempt in range(attempts):
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.02)
 
 
 def sqlite_path(url: str) -> str:
@@ -64,6 +94,8 @@ class SqliteStore:
         self.epoch = ""
         self._db: sqlite3.Connection | None = None
         self._thread: ThreadPoolExecutor | None = None
+        self._pending: list[_Pending] = []
+        self._writer: asyncio.Task[None] | None = None
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         assert self._thread is not None and self._db is not None, "SqliteStore is not connected"
@@ -86,7 +118,7 @@ class SqliteStore:
         # Created in the store's thread and only ever used there.
         db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
         try:
-            db.execute("PRAGMA journal_mode=WAL")
+            _switch_to_wal(db)
             db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(_SCHEMA)  # idempotent, one statement at a time
             with db:
@@ -127,37 +159,61 @@ class SqliteStore:
         return 0 if row is None else int(row[0])
 
     def _append(
-        self, db: sqlite3.Connection, room: str, build: Build, dedupe: str | None
+        self,
+        db: sqlite3.Connection,
+        tops: dict[str, int],
+        room: str,
+        build: Build,
+        dedupe: str | None,
     ) -> Appended:
+        """One append inside the batch's transaction; `tops` holds the rooms' tops so far."""
+        top = tops.get(room)
+        if top is None:
+            top = tops[room] = self._top(db, room)
+        if dedupe is not None:
+            seen = db.execute(
+                "SELECT offset, data FROM messages WHERE room = ? AND dedupe = ?",
+                (room, dedupe),
+            ).fetchone()
+            if seen is not None and int(seen[0]) >= self._first(db, room, top):
+                return Appended(self.epoch, int(seen[0]), str(seen[1]), duplicate=True)
+            if seen is not None:  # trimmed, not yet deleted: forget its key
+                db.execute("DELETE FROM messages WHERE room = ? AND dedupe = ?", (room, dedupe))
+        data = build(self.epoch, top + 1)
+        db.execute(
+            "INSERT INTO messages (room, offset, ts, data, dedupe) VALUES (?, ?, ?, ?, ?)",
+            (room, top + 1, self.clock(), data, dedupe),
+        )
+        tops[room] = top + 1
+        return Appended(self.epoch, top + 1, data, duplicate=False)
+
+    def _append_batch(
+        self, db: sqlite3.Connection, batch: list[_Pending]
+    ) -> list[Appended | BaseException]:
+        """Every append of `batch` in one transaction, then each room's top and trim
+        once. A build that fails fails its append alone (it writes nothing)."""
+        results: list[Appended | BaseException] = []
+        tops: dict[str, int] = {}
         with db:
             db.execute("BEGIN IMMEDIATE")
-            top = self._top(db, room)
-            db.execute(
-                "DELETE FROM messages WHERE room = ? AND offset < ?",
-                (room, self._first(db, room, top)),
-            )
-            if dedupe is not None:
-                seen = db.execute(
-                    "SELECT offset, data FROM messages WHERE room = ? AND dedupe = ?",
-                    (room, dedupe),
-                ).fetchone()
-                if seen is not None:
-                    return Appended(self.epoch, int(seen[0]), str(seen[1]), duplicate=True)
-            top += 1
-            data = build(self.epoch, top)
-            db.execute(
-                "INSERT INTO rooms (room, top) VALUES (?, ?) "
-                "ON CONFLICT (room) DO UPDATE SET top = excluded.top",
-                (room, top),
-            )
-            db.execute(
-                "INSERT INTO messages (room, offset, ts, data, dedupe) VALUES (?, ?, ?, ?, ?)",
-                (room, top, self.clock(), data, dedupe),
-            )
-            db.execute(
-                "DELETE FROM messages WHERE room = ? AND offset <= ?", (room, top - self.size)
-            )
-        return Appended(self.epoch, top, data, duplicate=False)
+            for item in batch:
+                try:
+                    results.append(self._append(db, tops, item.room, item.build, item.dedupe))
+                except sqlite3.Error:
+                    raise  # the transaction is in doubt: every append of the batch fails
+                except Exception as exc:  # the build failed, before anything was written
+                    results.append(exc)
+            for room, top in tops.items():
+                db.execute(
+                    "INSERT INTO rooms (room, top) VALUES (?, ?) "
+                    "ON CONFLICT (room) DO UPDATE SET top = excluded.top",
+                    (room, top),
+                )
+                db.execute(
+                    "DELETE FROM messages WHERE room = ? AND offset < ?",
+                    (room, self._first(db, room, top)),
+                )
+        return results
 
     def _read(self, db: sqlite3.Connection, room: str, offset: int | None, count: int) -> Page:
         with db:
@@ -177,7 +233,39 @@ class SqliteStore:
     # --- the contract ----------------------------------------------------
 
     async def append(self, room: str, build: Build, dedupe: str | None = None) -> Appended:
-        return await self._run(lambda db: self._append(db, room, build, dedupe))
+        done: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(room, build, dedupe, done))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_batches(), name="roomcast-sqlite")
+        return await done
+
+    async def _write_batches(self) -> None:
+        """Write what is pending, batch after batch, until nothing is."""
+        try:
+            while self._pending:
+                batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+                try:
+                    results = await self._run(partial(self._append_batch, batch=batch))
+                except BaseException as exc:  # the transaction failed: every append did
+                    for item in batch:
+                        if not item.done.done():
+                            item.done.set_exception(exc)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                for item, result in zip(batch, results, strict=True):
+                    if item.done.done():
+                        continue  # its caller went away (cancelled): stored all the same
+                    if isinstance(result, BaseException):
+                        item.done.set_exception(result)
+                    else:
+                        item.done.set_result(result)
+        finally:
+            self._writer = None
+            for item in self._pending:  # only when cancelled: nobody writes them now
+                if not item.done.done():
+                    item.done.set_exception(ConnectionError("the SQLite store stopped writing"))
+            self._pending = []
 
     async def since(self, room: str, offset: int) -> Page:
         offset = min(max(offset, -1), _MAX_OFFSET)

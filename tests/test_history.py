@@ -420,3 +420,26 @@ def test_sqlite_paths() -> None:
 
     assert sqlite_path("sqlite:///roomcast.db") == "roomcast.db"
     assert sqlite_path("sqlite:////var/lib/roomcast.db") == "/var/lib/roomcast.db"
+
+
+async def test_a_failing_build_fails_alone(backend: Backend) -> None:
+    """One append whose envelope cannot be built (in SQLite: inside a batch of
+    concurrent appends sharing one transaction) fails, and only that one."""
+    store = await backend.open()
+
+    def broken(epoch: str, offset: int) -> str:
+        raise ValueError("cannot build this one")
+
+    calls = [
+        store.append("r", broken if i == 7 else chat("r", f"m{i}"), f"d{i}") for i in range(40)
+    ]
+    results = await within(asyncio.gather(*calls, return_exceptions=True), 30)
+    failed = [r for r in results if isinstance(r, BaseException)]
+    assert len(failed) == 1 and isinstance(results[7], ValueError), results
+    stored = [r for r in results if not isinstance(r, BaseException)]
+    assert sorted(a.offset for a in stored) == list(range(1, 40))
+    page = await within(store.since("r", 0))
+    assert offsets(page) == list(range(1, 40))
+    # The failed one's dedupe key was not kept: the same key can be stored now.
+    again = await within(store.append("r", chat("r", "m7"), "d7"))
+    assert (again.offset, again.duplicate) == (40, False)
