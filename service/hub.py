@@ -408,18 +408,20 @@ class Hub:
         self, room: str, build: Callable[[str, int], Envelope], dedupe: str | None
     ) -> Appended:
         limit = self.transport.max_payload
-        if limit is not None:
-            # Refuse before storing what the broker could not carry (Postgres NOTIFY).
-            size = len(encode(build("~" * 32, 2**53)).encode())
-            if size > limit:
+
+        def encoded(epoch: str, offset: int) -> str:
+            text = encode(build(epoch, offset))
+            # Refused before it is stored: the broker could not carry it (Postgres
+            # NOTIFY). Every store builds before taking the offset, so none is lost.
+            if limit is not None and len(text.encode()) > limit:
                 raise HubError(
                     "text_too_long",
-                    f"This message would be a {size}-byte envelope; BROADCAST_URL's broker "
-                    f"carries at most {limit} bytes.",
+                    f"This message would be a {len(text.encode())}-byte envelope; "
+                    f"BROADCAST_URL's broker carries at most {limit} bytes.",
                 )
-        appended = await self.store.append(
-            room, lambda epoch, offset: encode(build(epoch, offset)), dedupe
-        )
+            return text
+
+        appended = await self.store.append(room, encoded, dedupe)
         if not appended.duplicate:
             await self.transport.publish(room_channel(room), appended.data)
             metrics.PUBLISHED.inc()
