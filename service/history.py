@@ -21,6 +21,9 @@ from .settings import Settings, SettingsError, safe_url
 # Builds the encoded envelope once its epoch and offset are known.
 Build = Callable[[str, int], str]
 
+# Seconds a shared store (Redis, Postgres) may take to answer one call.
+CALL_TIMEOUT = 10.0
+
 
 @dataclass(frozen=True, slots=True)
 class Appended:

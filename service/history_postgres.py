@@ -15,7 +15,7 @@ from typing import Any, Final
 
 import asyncpg  # type: ignore[import-untyped]
 
-from .history import Appended, Build, Page
+from .history import CALL_TIMEOUT, Appended, Build, Page
 
 _MAX_OFFSET: Final = 2**53  # client offsets are unbounded; above any top they mean the same
 
@@ -76,7 +76,13 @@ class PostgresStore:
     async def connect(self) -> None:
         if self._pool is not None:
             return
-        pool = await asyncpg.create_pool(self.url, min_size=1, max_size=self.pool_size)
+        pool = await asyncpg.create_pool(
+            self.url,
+            min_size=1,
+            max_size=self.pool_size,
+            timeout=CALL_TIMEOUT,
+            command_timeout=CALL_TIMEOUT,  # a server that stops answering fails the call
+        )
         try:
             async with pool.acquire() as conn, conn.transaction():
                 await conn.execute(_SCHEMA)

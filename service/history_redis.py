@@ -30,7 +30,7 @@ from typing import Any, Final, cast
 
 import redis.asyncio as aioredis
 
-from .history import Appended, Build, Page
+from .history import CALL_TIMEOUT, Appended, Build, Page
 from .settings import split_prefix
 
 EPOCH_PLACEHOLDER: Final = "~epoch~"
@@ -204,7 +204,12 @@ class RedisStore:
         if self._redis is not None:
             return
         client = aioredis.Redis.from_url(
-            self.url, decode_responses=True, socket_connect_timeout=10.0
+            self.url,
+            decode_responses=True,
+            socket_connect_timeout=CALL_TIMEOUT,
+            # A Redis that stops answering fails the call (the client gets an
+            # error and retries with its ref) instead of stalling it for good.
+            socket_timeout=CALL_TIMEOUT,
         )
         try:
             await cast(Awaitable[bool], client.ping())

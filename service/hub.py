@@ -55,6 +55,8 @@ RECENT_FRAMES: Final = 128
 # the hub reads the missing ones from history (workers publish concurrently).
 GAP_GRACE: Final = 0.05
 JOIN_READS: Final = 8
+# Bytes an envelope may grow by once its real epoch (<= 32) and offset (<= 16 digits) are in.
+POSITION_SLACK: Final = 48
 # How long notify/disconnect wait for every worker to say how many connections it reached.
 TALLY_TIMEOUT: Final = 2.0
 _DISCONNECTED: Final = (
@@ -413,10 +415,13 @@ class Hub:
             text = encode(build(epoch, offset))
             # Refused before it is stored: the broker could not carry it (Postgres
             # NOTIFY). Every store builds before taking the offset, so none is lost.
-            if limit is not None and len(text.encode()) > limit:
+            # The slack covers any epoch and offset (the Redis store builds with
+            # short placeholders for them).
+            size = len(text.encode()) + POSITION_SLACK
+            if limit is not None and size > limit:
                 raise HubError(
                     "text_too_long",
-                    f"This message would be a {len(text.encode())}-byte envelope; "
+                    f"This message would be an envelope of up to {size} bytes; "
                     f"BROADCAST_URL's broker carries at most {limit} bytes.",
                 )
             return text
