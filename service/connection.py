@@ -54,8 +54,10 @@ class Connection:
         "_abort",
         "_counted",
         "_finished",
+        "_limiter",
         "_live",
         "_queue",
+        "_rate",
         "_send",
         "_sender",
         "_started",
@@ -63,7 +65,6 @@ class Connection:
         "closing",
         "id",
         "limit",
-        "limiter",
         "on_overflow",
         "rooms",
         "user",
@@ -84,7 +85,9 @@ class Connection:
         self.user = user
         self.rooms: set[str] = set()
         self.limit = limit
-        self.limiter = RateLimiter(float(rate))
+        # Made on the first frame received: most members of a big room never send one.
+        self._rate = float(rate)
+        self._limiter: RateLimiter | None = None
         self.bad_frames = BadFrames()
         self.closing = False
         self.on_overflow = on_overflow
@@ -101,6 +104,13 @@ class Connection:
 
     def __repr__(self) -> str:
         return f"<Connection {self.id} user={self.user.id!r} rooms={len(self.rooms)}>"
+
+    @property
+    def limiter(self) -> RateLimiter:
+        limiter = self._limiter
+        if limiter is None:  # a bucket made now is as full as one made at connect
+            limiter = self._limiter = RateLimiter(self._rate)
+        return limiter
 
     # --- queueing (never awaits) -----------------------------------------
 
