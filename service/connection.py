@@ -1,14 +1,15 @@
 """One WebSocket connection: its user, its rooms, its bounded outbox and sender.
 
-Fan-out only ever calls `push()`, which never awaits. When nothing is queued
-and the socket is writable, the frame is written at once: the server's `send`
-coroutine is run inline and, as it has nothing to wait for, finishes without
-suspending (as `websockets.broadcast()` writes without awaiting each
-client). Otherwise the frame goes into the outbox or, when the outbox is
-full, the connection is handed to `on_overflow` (the hub closes it with
-4408). A sender task, started only while something is queued, drains the
-outbox, everything queued in one wake-up, so a slow client only ever slows
-itself, and an idle connection costs no task.
+Fan-out only ever calls `push()`, which never awaits: a frame goes into the
+outbox or, when the outbox is full, the connection is handed to `on_overflow`
+(the hub closes it with 4408). What a turn of the event loop pushed is
+written at the next turn, in one callback for every connection: the
+server's `send` coroutine is run inline and, with nothing to wait for,
+finishes without suspending (as `websockets.broadcast()` writes without
+awaiting each client), and frames to one connection leave back to back, in
+one system call. Only when a send must wait (the client reads slower than we
+write) does a sender task finish it and drain what queues behind it, so a
+slow client only ever slows itself, and an idle connection costs no task.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import types
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any, cast
@@ -54,8 +56,10 @@ class Connection:
         "_abort",
         "_counted",
         "_finished",
+        "_flush",
         "_limiter",
         "_live",
+        "_pending",
         "_queue",
         "_rate",
         "_send",
@@ -93,6 +97,11 @@ class Connection:
         self.on_overflow = on_overflow
         self._send = send
         self._abort = abort
+        # Frames pushed in this turn of the event loop, written at the next one: one
+        # frame as itself (a str is no garbage-collected container: a list per
+        # recipient per message kept the collector busy), several as a list.
+        self._pending: str | list[str] | None = None
+        self._flush: _Flush | None = None
         # Created when something must wait, released when drained: idle connections are many.
         self._queue: deque[Any] | None = None
         self._counted = 0
@@ -117,19 +126,27 @@ class Connection:
     def push(self, text: str) -> bool:
         if self.closing:
             return False
-        if self._sender is None and self._started:
-            self._write(text)
-            return True
         if self._counted >= self.limit:
             self.closing = True
             self.on_overflow(self)
             return False
-        self._enqueue(text)
         self._counted += 1
+        if self._sender is not None or self._flush is None:
+            self._enqueue(text)  # behind a send that waits, or before start()
+        else:
+            pending = self._pending
+            if pending is None:
+                self._pending = text
+                self._flush.add(self)
+            elif isinstance(pending, str):
+                self._pending = [pending, text]
+            else:
+                pending.append(text)
         return True
 
     def push_replay(self, frames: list[str]) -> None:
         if frames and not self.closing:
+            self._pending_to_queue()
             self._enqueue(Replay(frames))
             self._ensure_sender()
 
@@ -137,8 +154,41 @@ class Connection:
         """Send what is queued (the error that explains why), then close."""
         if not self.closing:
             self.closing = True
+            self._pending_to_queue()
             self._enqueue(_CloseAfter(code))
             self._ensure_sender()
+
+    def _pending_to_queue(self) -> None:
+        pending = self._pending
+        if pending is not None:
+            self._pending = None
+            self._enqueue_all([pending] if isinstance(pending, str) else pending)
+
+    def write_pending(self) -> None:
+        """Write what was pushed in the last turn of the event loop, in one go."""
+        pending = self._pending
+        if pending is None:
+            return
+        self._pending = None
+        if isinstance(pending, str):
+            if self._live:
+                self._counted -= 1
+                self._write(pending)
+            return
+        for index, text in enumerate(pending):
+            if self._sender is not None:  # a send had to wait: the rest queues behind it
+                self._enqueue_all(pending[index:])
+                return
+            if not self._live:
+                return
+            self._counted -= 1
+            self._write(text)
+
+    def _enqueue_all(self, frames: list[str]) -> None:
+        if self._queue is None:
+            self._queue = deque(frames)
+        else:
+            self._queue.extend(frames)
 
     def _enqueue(self, item: Any) -> None:
         if self._queue is None:
@@ -175,6 +225,7 @@ class Connection:
         log.debug("sender of %s stopped: %r", self.id, exc)
         self.closing = True
         self._live = False
+        self._pending = None
         self._queue = None
         self._counted = 0
 
@@ -183,6 +234,7 @@ class Connection:
     def start(self) -> None:
         """The socket is accepted: write what was queued before (the welcome)."""
         self._started = True
+        self._flush = _Flush.of_running_loop()
         queue = self._queue
         while queue and self._sender is None and type(queue[0]) is str:
             self._counted -= 1
@@ -228,6 +280,7 @@ class Connection:
         close loses its TCP connection.
         """
         self.closing = True
+        self._pending = None
         self._queue = None
         self._counted = 0
         if self._sender is not None:
@@ -252,6 +305,7 @@ class Connection:
             self._finished.set()
         if self._sender is not None:
             self._sender.cancel()
+        self._pending = None
         self._queue = None
         self._counted = 0
 
@@ -260,6 +314,50 @@ class Connection:
         """True from `start()` until the socket is gone: frames are written inline
         or by the sender task."""
         return self._started and self._live
+
+
+class _Flush:
+    """The connections that were pushed frames in this turn of the event loop.
+
+    They are written at the next turn, all in one callback: a connection that
+    got several frames meanwhile writes them back to back, and uvloop sends
+    the writes of one turn to a socket in one system call. That is the
+    outbox drain sending everything queued in one wake-up, without a task
+    and a future per connection.
+    """
+
+    __slots__ = ("__weakref__", "connections", "loop", "scheduled")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.connections: list[Connection] = []
+        self.scheduled = False
+
+    @classmethod
+    def of_running_loop(cls) -> _Flush:
+        loop = asyncio.get_running_loop()
+        flush = _FLUSHES.get(loop)
+        if flush is None:
+            flush = _FLUSHES[loop] = cls(loop)
+        return flush
+
+    def add(self, conn: Connection) -> None:
+        self.connections.append(conn)
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon(self.run)
+
+    def run(self) -> None:
+        self.scheduled = False
+        connections, self.connections = self.connections, []
+        for conn in connections:
+            try:
+                conn.write_pending()
+            except Exception:  # one connection's bug must not silence the others
+                log.exception("writing to %s failed", conn.id)
+
+
+_FLUSHES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Flush] = weakref.WeakKeyDictionary()
 
 
 async def _awaited(awaitable: Awaitable[None]) -> None:
