@@ -126,14 +126,9 @@ class Connection:
     def push(self, text: str) -> bool:
         if self.closing:
             return False
-        if self._counted >= self.limit:
-            self.closing = True
-            self.on_overflow(self)
-            return False
-        self._counted += 1
-        if self._sender is not None or self._flush is None:
-            self._enqueue(text)  # behind a send that waits, or before start()
-        else:
+        if self._sender is None and self._flush is not None:
+            # Written at the next turn: not queued behind the client, so not counted
+            # (and the same str for every recipient: a reference each).
             pending = self._pending
             if pending is None:
                 self._pending = text
@@ -142,7 +137,19 @@ class Connection:
                 self._pending = [pending, text]
             else:
                 pending.append(text)
+            return True
+        # Behind a send that waits for the client (or before start()).
+        if self._counted >= self.limit:
+            self._overflow()
+            return False
+        self._counted += 1
+        self._enqueue(text)
         return True
+
+    def _overflow(self) -> None:
+        self.closing = True
+        self._pending = None
+        self.on_overflow(self)
 
     def push_replay(self, frames: list[str]) -> None:
         if frames and not self.closing:
@@ -172,19 +179,22 @@ class Connection:
         self._pending = None
         if isinstance(pending, str):
             if self._live:
-                self._counted -= 1
                 self._write(pending)
             return
         for index, text in enumerate(pending):
             if self._sender is not None:  # a send had to wait: the rest queues behind it
-                self._enqueue_all(pending[index:])
+                rest = pending[index:]
+                if self._counted + len(rest) > self.limit:
+                    self._overflow()
+                else:
+                    self._enqueue_all(rest)
                 return
             if not self._live:
                 return
-            self._counted -= 1
             self._write(text)
 
     def _enqueue_all(self, frames: list[str]) -> None:
+        self._counted += len(frames)
         if self._queue is None:
             self._queue = deque(frames)
         else:
