@@ -11,8 +11,8 @@ N subscribers connect (`{i}` in `path` is the subscriber's number), then one
 publisher. The publisher sends sync probes until every subscriber has seen
 one, so every server's "joined" means the same thing: delivered to. Then the
 server's RSS gives the idle memory per connection, and each phase runs while
-the server's CPU time (utime + stime of it and its descendants, from /proc) is
-read around it. A chat's text is `@<phase><monotonic ns>@` plus `pad` bytes;
+the server's CPU time (of it and its descendants, from /proc/PID/task/*/schedstat)
+is read around it. A chat's text is `@<phase><monotonic ns>@` plus `pad` bytes;
 a subscriber takes the time of any frame holding it. Burst keeps at most
 `window` messages per subscriber in flight (the server takes them as fast as
 it delivers them); paced sends at `rate` per second.
@@ -27,12 +27,12 @@ import socket
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import uvloop
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
-TICK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 QUIET = 3.0  # a phase ends when nothing arrived for this long
 CONNECT_BATCH = 100
@@ -56,12 +56,17 @@ def descendants(root: int) -> list[int]:
 
 
 def cpu_seconds(pids: list[int]) -> float:
+    """CPU time of the processes' threads, in nanoseconds from the scheduler (utime +
+    stime in /proc/PID/stat only count clock ticks of 10 ms)."""
     total = 0
     for pid in pids:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / TICK
+        for task in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            except OSError:  # a thread that just ended
+                pass
+    return total / 1e9
 
 
 def memory(pids: list[int], key: str) -> int:
@@ -306,6 +311,12 @@ async def main(plan: dict[str, Any]) -> dict[str, Any]:
     connect_s = time.perf_counter() - started
     await asyncio.sleep(plan.get("settle", 1.0))
     rss1 = memory(run.pids, "VmRSS")
+    gate = plan.get("gate")
+    if gate:  # tell the orchestrator we are ready (it starts a profiler), wait for its go
+        # Another process answers through a file: there is nothing to await.
+        Path(gate + ".ready").touch()  # noqa: ASYNC240
+        while not Path(gate + ".go").exists():  # noqa: ASYNC110, ASYNC240
+            await asyncio.sleep(0.02)
     if stalled:
         victim = subs[-1]
         assert victim.transport is not None
