@@ -55,12 +55,20 @@ class Plan:
     idle_connections: int
     profile_seconds: float
     full: bool  # also roomcast's other WebSocket implementations, and bare ASGI stalled
+    settle: float  # seconds between the last join and the idle memory reading
 
     @classmethod
     def of(cls, quick: bool) -> Plan:
         if quick:
-            return cls(1, 60, 40, 75, 2_000, 2.0, False)
-        return cls(3, 200, 100, 1250, 10_000, 8.0, True)
+            return cls(1, 50, 30, 75, 2_000, 2.0, False, 0.5)
+        return cls(3, 200, 100, 1250, 10_000, 8.0, True, 1.0)
+
+
+_T0 = time.monotonic()
+
+
+def say(what: str) -> None:
+    print(f"  {time.monotonic() - _T0:6.1f} s  {what}", file=sys.stderr, flush=True)
 
 
 def loadgen(running: Running, plan: dict[str, Any], timeout: float = 300) -> dict[str, Any]:
@@ -148,8 +156,10 @@ def compare(plan: Plan) -> list[Row]:
         # A different order each round, so a noisy moment does not always hit the same server.
         shift = round_ * 3 % len(specs)
         for spec in specs[shift:] + specs[:shift]:
-            print(f"  fan-out round {round_ + 1}: {spec.name}", file=sys.stderr, flush=True)
-            reports[spec.name].append(measure(spec, {"subscribers": N, "phases": phases}))
+            say(f"fan-out round {round_ + 1}: {spec.name}")
+            reports[spec.name].append(
+                measure(spec, {"subscribers": N, "settle": plan.settle, "phases": phases})
+            )
     return [_row(name, r) for name, r in reports.items()]
 
 
@@ -202,11 +212,18 @@ def stall(plan: Plan) -> list[Stall]:
         runs: dict[bool, dict[str, Any]] = {}
         slow = None
         for stalled in cases:
-            print(f"  stall: {spec.name}, stalled={stalled}", file=sys.stderr, flush=True)
+            say(f"stall: {spec.name}, stalled={stalled}")
             running = servers.start(spec.but(pad=STALL_PAD))
             try:
                 runs[stalled] = loadgen(
-                    running, {"subscribers": N, "stall": stalled, "phases": phases}
+                    running,
+                    {
+                        "subscribers": N,
+                        "stall": stalled,
+                        "settle": plan.settle,
+                        "stall_wait": 2 * plan.settle,
+                        "phases": phases,
+                    },
                 )
                 if stalled and spec is roomcast:
                     slow = _slow_consumers(running)
@@ -261,7 +278,7 @@ class Idle:
 def idle(plan: Plan) -> list[Idle]:
     out = []
     for spec in (ROOMCAST, BASELINES[0]):
-        print(f"  idle: {spec.name}", file=sys.stderr, flush=True)
+        say(f"idle: {spec.name}")
         report = measure(
             spec,
             {
@@ -306,7 +323,7 @@ def workers(plan: Plan) -> list[Workers]:
     out = []
     try:
         for count in (1, 2):
-            print(f"  redis: {count} worker(s)", file=sys.stderr, flush=True)
+            say(f"redis: {count} worker(s)")
             env = {**ROOMCAST.env, "BROADCAST_URL": f"{redis.url}?prefix=b{time.time_ns()}"}
             server = start_server(servers.environment(env), ["--workers", str(count)])
             running = Running(ROOMCAST, server.process, server.port, server.log_path)
@@ -315,6 +332,7 @@ def workers(plan: Plan) -> list[Workers]:
                     running,
                     {
                         "subscribers": N,
+                        "settle": plan.settle,
                         "phases": [
                             {"mode": "burst", "messages": plan.burst, "window": WINDOW},
                             {"mode": "paced", "messages": plan.paced, "rate": RATE},
@@ -458,7 +476,10 @@ class Results:
 def run(quick: bool = False) -> Results:
     plan = Plan.of(quick)
     started = time.monotonic()
-    results = Results(compare(plan), stall(plan), idle(plan), workers(plan), profile(plan))
+    results = Results(compare(plan), stall(plan), idle(plan), workers(plan), None)
+    say("profile")
+    results.profile = profile(plan)
+    say("fan-out done")
     results.seconds = round(time.monotonic() - started, 1)
     return results
 
