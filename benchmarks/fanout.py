@@ -221,7 +221,8 @@ def stall(plan: Plan) -> list[Stall]:
                         "subscribers": N,
                         "stall": stalled,
                         "settle": plan.settle,
-                        "stall_wait": 2 * plan.settle,
+                        # Long enough for roomcast's 10 s close grace (DROP_TIMEOUT) in a full run.
+                        "stall_wait": 12.0 if plan.full else 1.0,
                         "phases": phases,
                     },
                 )
@@ -237,7 +238,7 @@ def stall(plan: Plan) -> list[Stall]:
         elif fate.get("disconnected"):
             what = "disconnected"
         else:
-            what = "still open"
+            what = "still open at the end"
 
         def growth(report: dict[str, Any]) -> int:
             return round((report["phases"][0]["rss_after"] - report["rss_idle"]) / 1024)
