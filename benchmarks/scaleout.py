@@ -71,8 +71,9 @@ async def _run(servers: list[Server], messages: int) -> tuple[float, list[float]
         await asyncio.sleep(max(0.0, start + (n + 1) / RATE - time.perf_counter()))  # pacing
     received = sum(await asyncio.gather(*readers))
     elapsed = time.perf_counter() - start
+    # Dropped, not closed: a close handshake with roomcast takes about 3 s (a bug to chase).
     for ws in (*members, publisher):
-        await ws.close()
+        ws.transport.abort()
     return elapsed, latencies, RECEIVERS * messages - received
 
 
