@@ -36,6 +36,7 @@ class Roomcast:
         self.handlers: dict[type[ClientEnvelope], Handler] = dict(PROTOCOL_HANDLERS)
         self.server_types: list[type[ServerEnvelope]] = []
         self._app: Starlette | None = None
+        self._socket: type[RoomSocket] | None = None
 
     def handler(self, envelope: type[E]) -> Callable[[Callable[[RoomSocket, E], Any]], Any]:
         """Register a client envelope type (a tagged `ClientEnvelope` subclass) and its handler:
@@ -71,7 +72,7 @@ class Roomcast:
     def _build(self) -> Starlette:
         extra = [t for t in self.handlers if t not in PROTOCOL_HANDLERS]
         context = SocketContext(self.hub, self.settings, Codec(extra), self.handlers)
-        socket = type("RoomSocket", (RoomSocket,), {"context": context})
+        socket = self._socket = type("RoomSocket", (RoomSocket,), {"context": context})
         routes: list[BaseRoute] = [
             WebSocketRoute("/ws", socket),
             WebSocketRoute("/ws/{room}", socket),
@@ -93,11 +94,37 @@ class Roomcast:
             await self.hub.stop()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        app = self.app
         if scope["type"] == "websocket":
             # The server's own `send`, before any middleware wraps it: the
             # slow-consumer close uses it to drop a client that never reads.
             scope.setdefault("roomcast.server_send", send)
-        await self.app(scope, receive, send)
+            params = _socket_params(_route_path(scope))
+            if params is not None and self._socket is not None:
+                # Straight to the endpoint: the router's and middleware's coroutines
+                # would stay suspended under every connection for its whole life
+                # (about 3 KiB each; benchmarks/README.md, idle memory).
+                scope["path_params"] = params
+                await self._socket(scope, receive, send)
+                return
+        await app(scope, receive, send)
+
+
+def _route_path(scope: Scope) -> str:
+    """The path below where this app is mounted (as Starlette's router sees it)."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("/", ""):
+        return path[len(root) :]
+    return path
+
+
+def _socket_params(path: str) -> dict[str, str] | None:
+    """The path parameters of `/ws` and `/ws/{room}`, or None for another path."""
+    if path == "/ws":
+        return {}
+    room = path[4:] if path.startswith("/ws/") else ""
+    return {"room": room} if room and "/" not in room else None
 
 
 def create_app() -> Roomcast:

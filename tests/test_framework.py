@@ -11,9 +11,11 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 from starlette.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
 
 import service.envelopes
 from service import ClientEnvelope, HubError, Roomcast, RoomSocket, ServerEnvelope, Settings
+from service.app import _route_path, _socket_params
 
 
 class Typing(ClientEnvelope, tag="typing", kw_only=True):
@@ -99,3 +101,44 @@ def test_registering_after_serving_is_a_wiring_error() -> None:
         rc.app  # noqa: B018 - built by the first request at the latest
         with pytest.raises(AssertionError):
             rc.handler(Typing)
+
+
+@pytest.mark.parametrize(
+    ("path", "params"),
+    [
+        ("/ws", {}),
+        ("/ws/lobby", {"room": "lobby"}),
+        ("/ws/a.b:c-1", {"room": "a.b:c-1"}),
+        ("/ws/bad room", {"room": "bad room"}),  # the endpoint refuses it with 1008
+        ("/ws/", None),
+        ("/ws/a/b", None),
+        ("/wss", None),
+        ("/", None),
+    ],
+)
+def test_socket_paths(path: str, params: dict[str, str] | None) -> None:
+    assert _socket_params(path) == params
+
+
+@pytest.mark.parametrize(
+    ("path", "root", "route"),
+    [
+        ("/rt/ws", "/rt", "/ws"),
+        ("/ws", "", "/ws"),
+        ("/rtx/ws", "/rt", "/rtx/ws"),
+        ("/rt", "/rt", ""),
+    ],
+)
+def test_route_path_below_the_mount(path: str, root: str, route: str) -> None:
+    assert _route_path({"type": "websocket", "path": path, "root_path": root}) == route
+
+
+def test_other_websocket_paths_are_still_refused() -> None:
+    """/ws and /ws/{room} go straight to the endpoint; anything else meets the router."""
+    app, _ = build_app()
+    with TestClient(app) as client:
+        for path in ("/rt/ws/a/b", "/rt/nope", "/ws"):
+            with pytest.raises(WebSocketDisconnect), client.websocket_connect(path):
+                pass  # pragma: no cover
+        with client.websocket_connect("/rt/ws") as ws:
+            assert ws.receive_json()["type"] == "welcome"
