@@ -11,6 +11,8 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
+from . import exit_codes
+
 TIMEOUT = 10.0
 LEVELS = ("info", "success", "warning", "error")
 
@@ -74,14 +76,16 @@ def base_url(given: str | None) -> str:
 class CommandError(Exception):
     """A one-line message for stderr, and the exit code (those of `roomcast listen`/`send`)."""
 
-    def __init__(self, message: str, code: int = 1) -> None:
+    def __init__(self, message: str, code: int = exit_codes.OTHER_ERROR) -> None:
         super().__init__(message)
         self.code = code
 
 
-# HTTP status -> exit code, as cli_client's for the same kinds of failure.
-_EXIT_BY_STATUS = {401: 4, 404: 7, 400: 6}
-EXIT_UNREACHABLE = 3
+_EXIT_BY_STATUS = {
+    401: exit_codes.REFUSED,
+    404: exit_codes.API_OFF,
+    400: exit_codes.INVALID_ROOM,
+}
 
 
 def call(args: argparse.Namespace, path: str, body: dict[str, Any] | None) -> Any:
@@ -108,10 +112,12 @@ def call(args: argparse.Namespace, path: str, body: dict[str, Any] | None) -> An
             reason = f"{error['error']}: {error['detail']}"
         except (ValueError, KeyError, TypeError):
             reason = raw.decode(errors="replace")[:200] or exc.reason
-        raise CommandError(f"{exc.code} {reason}", _EXIT_BY_STATUS.get(exc.code, 1)) from None
+        raise CommandError(
+            f"{exc.code} {reason}", _EXIT_BY_STATUS.get(exc.code, exit_codes.OTHER_ERROR)
+        ) from None
     except (urllib.error.URLError, OSError) as exc:
         why = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-        raise CommandError(f"cannot reach {url}: {why}", EXIT_UNREACHABLE) from None
+        raise CommandError(f"cannot reach {url}: {why}", exit_codes.UNREACHABLE) from None
 
 
 def _quote(value: str) -> str:

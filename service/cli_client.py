@@ -19,6 +19,7 @@ from typing import Any, Final
 
 import msgspec
 
+from . import exit_codes
 from .client import (
     Client,
     ClientError,
@@ -35,15 +36,12 @@ from .client import (
 from .envelopes import Chat, Error, Left, Notification, System
 
 DEFAULT_URL: Final = "ws://127.0.0.1:8000"
-# 2 is argparse's (and `serve`'s) usage or settings error.
 EXIT_CODES: Final[dict[type[ClientError], int]] = {
-    ConnectionFailed: 3,
-    Unauthorized: 4,
-    Forbidden: 5,
-    InvalidRoom: 6,
+    ConnectionFailed: exit_codes.UNREACHABLE,
+    Unauthorized: exit_codes.REFUSED,
+    Forbidden: exit_codes.FORBIDDEN,
+    InvalidRoom: exit_codes.INVALID_ROOM,
 }
-EXIT_OTHER_ERROR: Final = 1
-EXIT_INTERRUPTED: Final = 130
 # After stdin ends, how long `chat` waits for its own last lines to be printed.
 ECHO_WAIT: Final = 5.0
 
@@ -106,13 +104,14 @@ def _main(
     except ClientError as exc:
         print(f"roomcast: {exc.detail}", file=sys.stderr)
         return next(
-            (code for kind, code in EXIT_CODES.items() if isinstance(exc, kind)), EXIT_OTHER_ERROR
+            (code for kind, code in EXIT_CODES.items() if isinstance(exc, kind)),
+            exit_codes.OTHER_ERROR,
         )
     except ValueError as exc:  # a URL that is not ws:// or wss://
         print(f"roomcast: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+        return exit_codes.INTERRUPTED
 
 
 def _client(args: argparse.Namespace) -> Client:

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -24,6 +21,7 @@ from service.auth import mint_token
 
 from .servers import Server, start_server
 from .support import Client, client, room_client
+from .test_cli import roomcast
 from .test_scaleout import shared_env, two_servers
 
 KEY = "k-" + uuid.uuid4().hex
@@ -381,18 +379,6 @@ async def drain_to(conn: Client, kind: str, offset: int | None) -> dict[str, Any
 # --- the command line ---------------------------------------------------------------
 
 
-def roomcast(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if k not in ("API_KEY", "ROOMCAST_URL", "PORT")}
-    return subprocess.run(
-        [sys.executable, "-m", "service", *args],
-        capture_output=True,
-        text=True,
-        env={**base, **(env or {})},
-        timeout=30,
-        check=False,
-    )
-
-
 async def test_cli_publish_notify_disconnect(api_server: Server) -> None:
     room, user = fresh(), fresh("u")
     async with room_client(api_server, room) as ann, client(api_server, client=user) as bob:
@@ -400,7 +386,7 @@ async def test_cli_publish_notify_disconnect(api_server: Server) -> None:
             roomcast,
             "publish", room, "--title", "Deploy", "--body", "done", "--level", "warning",
             "--data", '{"build": 7}', "--ref", "b7", "--url", api_server.ws + "/ws",
-            env={"API_KEY": KEY},
+            API_KEY=KEY,
         )  # fmt: skip
         assert run.returncode == 0, run.stderr
         assert json.loads(run.stdout) == {"room": room, "epoch": ann.joined["epoch"], "offset": 1}
@@ -409,18 +395,18 @@ async def test_cli_publish_notify_disconnect(api_server: Server) -> None:
         run = await asyncio.to_thread(
             roomcast,
             "publish", room, "--text", "hi all", "--user-id", "bot", "--user-name", "Bot",
-            "--api-key", KEY, env={"ROOMCAST_URL": api_server.http},
+            "--api-key", KEY, ROOMCAST_URL=api_server.http,
         )  # fmt: skip
         assert run.returncode == 0, run.stderr
         await ann.recv_type("chat", offset=2, text="hi all", user={"id": "bot", "name": "Bot"})
         run = await asyncio.to_thread(
             roomcast, "notify", user, "--title", "Ping", "--body", "b", "--url", api_server.http,
-            env={"API_KEY": KEY},
+            API_KEY=KEY,
         )  # fmt: skip
         assert (run.returncode, json.loads(run.stdout)) == (0, {"delivered": 1}), run.stderr
         await bob.recv_type("notification", title="Ping", room=None)
         run = await asyncio.to_thread(
-            roomcast, "disconnect", user, "--url", api_server.http, env={"API_KEY": KEY}
+            roomcast, "disconnect", user, "--url", api_server.http, API_KEY=KEY
         )
         assert (run.returncode, json.loads(run.stdout)) == (0, {"disconnected": 1}), run.stderr
         await bob.expect_close(4401)
@@ -455,7 +441,7 @@ async def test_cli_publish_notify_disconnect(api_server: Server) -> None:
 def test_cli_errors_are_one_line(
     api_server: Server, args: list[str], env: dict[str, str], phrase: str, code: int
 ) -> None:
-    run = roomcast(*args, "--url", api_server.http, env=env)
+    run = roomcast(*args, "--url", api_server.http, **env)
     assert run.returncode == code, run
     assert phrase in run.stderr and run.stderr.count("\n") == 1, run.stderr
     assert not run.stdout
@@ -466,7 +452,7 @@ def test_cli_says_when_the_server_is_down() -> None:
 
     run = roomcast(
         "notify", "bob", "--title", "t", "--body", "b",
-        "--url", f"http://127.0.0.1:{free_port()}", env={"API_KEY": KEY},
+        "--url", f"http://127.0.0.1:{free_port()}", API_KEY=KEY,
     )  # fmt: skip
     assert run.returncode == 3  # as `roomcast send` when the server is down
     assert "cannot reach" in run.stderr and "refused" in run.stderr, run.stderr

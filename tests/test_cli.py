@@ -54,6 +54,9 @@ CONFIG_VARS = (
     "PRESENCE_TTL",
 )
 
+# Read by `roomcast serve` (beside the settings) and by the client commands.
+CLIENT_VARS = ("WEB_CONCURRENCY", "LOG_FORMAT", "ROOMCAST_URL", "ROOMCAST_TOKEN")
+
 RUN_TIMEOUT = 20.0
 _RUNNING = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
 
@@ -63,7 +66,7 @@ def clean_env(**extra: str) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if k not in CONFIG_VARS and k != "WEB_CONCURRENCY" and k != "PYTHONPATH"
+        if k not in CONFIG_VARS and k not in CLIENT_VARS and k != "PYTHONPATH"
     }
     env["PYTHONPATH"] = str(REPO)
     env.update(extra)
@@ -235,14 +238,17 @@ def test_workers_that_cannot_start_do_not_leave_a_parent_serving_nothing() -> No
 # ---------------------------------------------------------------- options
 
 
-def roomcast(*args: str) -> subprocess.CompletedProcess[str]:
-    """A roomcast command that ends by itself, with a clean environment."""
+def roomcast(
+    *args: str, stdin: str | None = None, timeout: float = RUN_TIMEOUT, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """A roomcast command that ends by itself, in a clean environment plus `env`."""
     return subprocess.run(
         [sys.executable, "-m", "service", *args],
+        input=stdin,
         capture_output=True,
         text=True,
-        env=clean_env(),
-        timeout=RUN_TIMEOUT,
+        env=clean_env(**env),
+        timeout=timeout,
         check=False,
     )
 

@@ -17,6 +17,7 @@ from service.auth import mint_token
 from .servers import Server, start_server
 from .support import validator
 from .test_cli import clean_env, free_port
+from .test_cli import roomcast as run_roomcast
 
 TIMEOUT = 15.0
 SECRET = "cli-client-test-secret-of-32-bytes-or-more"
@@ -24,15 +25,7 @@ SECRET = "cli-client-test-secret-of-32-bytes-or-more"
 
 def roomcast(*args: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
     """A client command that ends by itself."""
-    return subprocess.run(
-        [sys.executable, "-m", "service", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        env=clean_env(**env),
-        timeout=TIMEOUT,
-        check=False,
-    )
+    return run_roomcast(*args, stdin=stdin, timeout=TIMEOUT, **env)
 
 
 @asynccontextmanager

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import uuid
 
 from service.auth import mint_token
@@ -12,7 +10,7 @@ from service.auth import mint_token
 from .servers import start_server
 from .support import client, room_client
 from .test_api import api
-from .test_cli import clean_env
+from .test_cli import roomcast
 
 SECRET = "log-secret-" + uuid.uuid4().hex
 KEY = "log-key-" + uuid.uuid4().hex
@@ -54,14 +52,7 @@ async def test_json_logs_carry_fields_and_no_secrets() -> None:
 
 
 def test_a_bad_log_format_stops_start_up() -> None:
-    run = subprocess.run(
-        [sys.executable, "-m", "service", "serve", "--port", "0"],
-        capture_output=True,
-        text=True,
-        env={**clean_env(), "LOG_FORMAT": "xml"},
-        timeout=30,
-        check=False,
-    )
+    run = roomcast("serve", "--port", "0", LOG_FORMAT="xml")
     assert run.returncode == 2, run
     assert "LOG_FORMAT='xml' is invalid" in run.stderr and "json" in run.stderr
 
