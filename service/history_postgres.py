@@ -5,17 +5,20 @@ row lock serializes the room's appenders until commit, so offsets have no
 gaps and a reader never sees offset n+1 committed before n. A duplicate rolls
 the bump back. Timestamps are the database's clock, the same for every
 worker. The epoch is a row of `roomcast_meta`, created with the tables: new
-tables (history lost) mean a new epoch.
+tables (history lost) mean a new epoch. With `?prefix=p` the tables are
+`p_meta`, `p_rooms` and `p_messages` (the default prefix is `roomcast`).
 """
 
 from __future__ import annotations
 
+import re
 import secrets
 from typing import Any, Final
 
 import asyncpg  # type: ignore[import-untyped]
 
 from .history import CALL_TIMEOUT, Appended, Build, Page
+from .settings import split_prefix
 
 _MAX_OFFSET: Final = 2**53  # client offsets are unbounded; above any top they mean the same
 
@@ -63,10 +66,44 @@ SELECT f.top, f.first, array(
 FROM f
 """
 
+_BUMP: Final = """INSERT INTO roomcast_rooms AS r (room, top) VALUES ($1, 1)
+ON CONFLICT (room) DO UPDATE SET top = r.top + 1 RETURNING top"""
+_SEEN: Final = 'SELECT "offset", data FROM roomcast_messages WHERE room = $1 AND dedupe = $2'
+_INSERT: Final = """INSERT INTO roomcast_messages (room, "offset", ts, data, dedupe)
+VALUES ($1, $2, statement_timestamp(), $3, $4)"""
+_DROP_OLD: Final = 'DELETE FROM roomcast_messages WHERE room = $1 AND "offset" <= $2'
+_EPOCH_NEW: Final = (
+    "INSERT INTO roomcast_meta (key, value) VALUES ('epoch', $1) ON CONFLICT DO NOTHING"
+)
+_EPOCH: Final = "SELECT value FROM roomcast_meta WHERE key = 'epoch'"
+
+
+_TABLE: Final = re.compile(r"\broomcast_(meta|rooms|messages)\b")
+
+
+def _named(sql: str, prefix: str) -> str:
+    """`sql` with each `roomcast_<table>` as the (quoted) table of `prefix`."""
+    return _TABLE.sub(lambda m: f'"{prefix}_{m.group(1)}"', sql)
+
 
 class PostgresStore:
     def __init__(self, url: str, size: int, ttl: float, pool_size: int = 10) -> None:
-        self.url = url
+        # 40: the longest prefix whose table names fit Postgres' 63 bytes (as presence's).
+        self.url, prefix = split_prefix(url, "HISTORY_URL", 40)
+        self._sql = {
+            name: _named(sql, prefix)
+            for name, sql in (
+                ("schema", _SCHEMA),
+                ("trim", _TRIM),
+                ("read", _READ),
+                ("bump", _BUMP),
+                ("seen", _SEEN),
+                ("insert", _INSERT),
+                ("drop_old", _DROP_OLD),
+                ("epoch_new", _EPOCH_NEW),
+                ("epoch", _EPOCH),
+            )
+        }
         self.size = size
         self.ttl = ttl
         self.pool_size = pool_size
@@ -85,15 +122,9 @@ class PostgresStore:
         )
         try:
             async with pool.acquire() as conn, conn.transaction():
-                await conn.execute(_SCHEMA)
-                await conn.execute(
-                    "INSERT INTO roomcast_meta (key, value) VALUES ('epoch', $1) "
-                    "ON CONFLICT DO NOTHING",
-                    secrets.token_hex(6),
-                )
-                self.epoch = await conn.fetchval(
-                    "SELECT value FROM roomcast_meta WHERE key = 'epoch'"
-                )
+                await conn.execute(self._sql["schema"])
+                await conn.execute(self._sql["epoch_new"], secrets.token_hex(6))
+                self.epoch = await conn.fetchval(self._sql["epoch"])
         except BaseException:
             await pool.close()
             raise
@@ -114,42 +145,23 @@ class PostgresStore:
                 return dup.appended
 
     async def _append(self, conn: Any, room: str, build: Build, dedupe: str | None) -> Appended:
-        top: int = await conn.fetchval(
-            "INSERT INTO roomcast_rooms AS r (room, top) VALUES ($1, 1) "
-            "ON CONFLICT (room) DO UPDATE SET top = r.top + 1 RETURNING top",
-            room,
-        )
+        top: int = await conn.fetchval(self._sql["bump"], room)
         # Trim as of the previous top first, so a duplicate finds what is retained.
-        await conn.execute(_TRIM, room, self.size, self.ttl, top - 1)
+        await conn.execute(self._sql["trim"], room, self.size, self.ttl, top - 1)
         key = None if dedupe is None else _text(dedupe)
         if key is not None:
-            seen = await conn.fetchrow(
-                'SELECT "offset", data FROM roomcast_messages WHERE room = $1 AND dedupe = $2',
-                room,
-                key,
-            )
+            seen = await conn.fetchrow(self._sql["seen"], room, key)
             if seen is not None:
                 raise _Duplicate(Appended(self.epoch, seen[0], seen[1], duplicate=True))
         data = build(self.epoch, top)
-        await conn.execute(
-            'INSERT INTO roomcast_messages (room, "offset", ts, data, dedupe) '
-            "VALUES ($1, $2, statement_timestamp(), $3, $4)",
-            room,
-            top,
-            data,
-            key,
-        )
+        await conn.execute(self._sql["insert"], room, top, data, key)
         if top > self.size:
-            await conn.execute(
-                'DELETE FROM roomcast_messages WHERE room = $1 AND "offset" <= $2',
-                room,
-                top - self.size,
-            )
+            await conn.execute(self._sql["drop_old"], room, top - self.size)
         return Appended(self.epoch, top, data, duplicate=False)
 
     async def _read(self, room: str, after: int, count: int) -> tuple[int, int, list[str]]:
         assert self._pool is not None, "PostgresStore is not connected"
-        row = await self._pool.fetchrow(_READ, room, self.size, self.ttl, after, count)
+        row = await self._pool.fetchrow(self._sql["read"], room, self.size, self.ttl, after, count)
         assert row is not None
         return int(row["top"]), int(row["first"]), [str(e) for e in row["entries"]]
 

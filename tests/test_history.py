@@ -443,3 +443,25 @@ async def test_a_failing_build_fails_alone(backend: Backend) -> None:
     # The failed one's dedupe key was not kept: the same key can be stored now.
     again = await within(store.append("r", chat("r", "m7"), "d7"))
     assert (again.offset, again.duplicate) == (40, False)
+
+
+async def test_postgres_prefixes_keep_separate_histories(postgres_url: str) -> None:
+    """`?prefix=` names the tables: two deployments in one database share nothing."""
+    url = await within(fresh_database(postgres_url), 30)
+    stores = [
+        open_store(Settings(history_url=f"{url}?prefix={p}", outbox_size=1))
+        for p in ("blue", "green.2", "blue")
+    ]
+    for store in stores:
+        await within(store.connect())
+    try:
+        blue, green, blue_too = stores
+        assert (await within(blue.append("r", chat("r", "b1")))).offset == 1
+        assert (await within(green.append("r", chat("r", "g1")))).offset == 1
+        assert (await within(blue_too.append("r", chat("r", "b2")))).offset == 2
+        assert offsets(await within(green.since("r", 0))) == [1]
+        assert offsets(await within(blue.since("r", 0))) == [1, 2]
+        assert blue.epoch == blue_too.epoch != green.epoch
+    finally:
+        for store in stores:
+            await within(store.disconnect())
