@@ -34,14 +34,33 @@ _validators: dict[tuple[int, int], Draft202012Validator] = {}
 # --- HTTP ----------------------------------------------------------------------
 
 
-def http_get(server: Server, path: str) -> tuple[int, Any]:
-    """(status, decoded JSON body) of a GET, also for 4xx/5xx answers."""
+def http(
+    server: Server,
+    method: str,
+    path: str,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+    raw: bytes | None = None,
+) -> tuple[int, Any]:
+    """(status, decoded JSON body) of a request with a JSON (or `raw`) body, also
+    for 4xx/5xx answers, which must be JSON too."""
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        server.http + path, data=data, method=method, headers=headers or {}
+    )
     try:
-        with urllib.request.urlopen(server.http + path, timeout=TIMEOUT) as response:
-            return response.status, json.loads(response.read())
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+            status, payload = response.status, response.read()
+            kind = response.headers.get("content-type")
     except urllib.error.HTTPError as exc:
         with exc:
-            return exc.code, json.loads(exc.read())
+            status, payload, kind = exc.code, exc.read(), exc.headers.get("content-type")
+    assert kind == "application/json", (status, kind, payload)
+    return status, json.loads(payload)
+
+
+def http_get(server: Server, path: str) -> tuple[int, Any]:
+    return http(server, "GET", path)
 
 
 async def get(server: Server, path: str) -> tuple[int, Any]:

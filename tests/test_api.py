@@ -20,7 +20,7 @@ from service.api import KeyCheck
 from service.auth import mint_token
 
 from .servers import Server, start_server
-from .support import Client, client, room_client
+from .support import Client, client, http, room_client
 from .test_cli import roomcast
 from .test_scaleout import shared_env, two_servers
 
@@ -31,29 +31,6 @@ TIMEOUT = 5.0
 
 def fresh(prefix: str = "r") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-def http(
-    server: Server,
-    method: str,
-    path: str,
-    body: Any = None,
-    headers: dict[str, str] | None = None,
-    raw: bytes | None = None,
-) -> tuple[int, Any]:
-    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        server.http + path, data=data, method=method, headers=headers or {}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
-            status, payload = response.status, response.read()
-            kind = response.headers.get("content-type")
-    except urllib.error.HTTPError as exc:
-        with exc:
-            status, payload, kind = exc.code, exc.read(), exc.headers.get("content-type")
-    assert kind == "application/json", (status, kind, payload)
-    return status, json.loads(payload)
 
 
 async def api(server: Server, method: str, path: str, body: Any = None, **kw: Any) -> Any:
