@@ -18,6 +18,7 @@ from typing import Annotated, Any, Final
 import msgspec
 from msgspec import Meta, Struct
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -126,7 +127,7 @@ class _Guard:
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.check is None:
             response = _error(404, "not_found", "The HTTP API is off: set API_KEY to enable it.")
-        elif not self.check(_header(scope, b"authorization")):
+        elif not self.check(Headers(scope=scope).get("authorization")):
             response = _error(
                 401,
                 "unauthorized",
@@ -137,13 +138,6 @@ class _Guard:
             await self.app(scope, receive, send)
             return
         await response(scope, receive, send)
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return str(value.decode("latin-1"))
-    return None
 
 
 def _room(request: Request) -> str:
