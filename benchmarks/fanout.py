@@ -489,49 +489,40 @@ def _ratio(a: float, b: float) -> float:
     return round(a / b, 2) if b else float("nan")
 
 
+Target = tuple[str, str, float, bool]
+
+
 def targets(r: Results) -> list[tuple[str, str, str, bool]]:
     """(target, figure, roomcast ÷ baseline, met) for the issue's targets."""
     rows = {row.name: row for row in r.compare}
     rc, bare = rows["roomcast"], rows["bare ASGI"]
     tut, sio = rows["FastAPI tutorial"], rows["python-socketio"]
     stalled = r.stall[0]
-    out = [
-        (
-            "burst CPU/delivery ≤ 1.1x bare ASGI",
-            f"{rc.cpu_us} vs {bare.cpu_us} µs",
-            _ratio(rc.cpu_us, bare.cpu_us),
-            _ratio(rc.cpu_us, bare.cpu_us) <= 1.1,
-        ),
+
+    def at_most(target: str, ours: float, theirs: float, unit: str, bound: float) -> Target:
+        ratio = _ratio(ours, theirs)
+        return (target, f"{ours} vs {theirs} {unit}", ratio, ratio <= bound)
+
+    out: list[Target] = [
+        at_most("burst CPU/delivery ≤ 1.1x bare ASGI", rc.cpu_us, bare.cpu_us, "µs", 1.1),
         (
             "burst CPU/delivery < FastAPI tutorial",
             f"{rc.cpu_us} vs {tut.cpu_us} µs",
             _ratio(rc.cpu_us, tut.cpu_us),
             rc.cpu_us < tut.cpu_us,
         ),
-        (
-            "burst CPU/delivery ≤ 0.2x python-socketio",
-            f"{rc.cpu_us} vs {sio.cpu_us} µs",
-            _ratio(rc.cpu_us, sio.cpu_us),
-            _ratio(rc.cpu_us, sio.cpu_us) <= 0.2,
-        ),
+        at_most("burst CPU/delivery ≤ 0.2x python-socketio", rc.cpu_us, sio.cpu_us, "µs", 0.2),
         ("burst and paced lose nothing", f"{rc.lost} lost", 0.0, rc.lost == 0),
-        (
-            f"paced {RATE}/s p99 ≤ 1.5x bare ASGI",
-            f"{rc.p99_ms} vs {bare.p99_ms} ms",
-            _ratio(rc.p99_ms, bare.p99_ms),
-            _ratio(rc.p99_ms, bare.p99_ms) <= 1.5,
+        at_most(f"paced {RATE}/s p99 ≤ 1.5x bare ASGI", rc.p99_ms, bare.p99_ms, "ms", 1.5),
+        at_most(
+            "idle memory/connection ≤ 1.15x bare ASGI", rc.idle_kib, bare.idle_kib, "KiB", 1.15
         ),
-        (
-            "idle memory/connection ≤ 1.15x bare ASGI",
-            f"{rc.idle_kib} vs {bare.idle_kib} KiB",
-            _ratio(rc.idle_kib, bare.idle_kib),
-            _ratio(rc.idle_kib, bare.idle_kib) <= 1.15,
-        ),
-        (
+        at_most(
             "idle memory/connection ≤ 0.75x FastAPI tutorial",
-            f"{rc.idle_kib} vs {tut.idle_kib} KiB",
-            _ratio(rc.idle_kib, tut.idle_kib),
-            _ratio(rc.idle_kib, tut.idle_kib) <= 0.75,
+            rc.idle_kib,
+            tut.idle_kib,
+            "KiB",
+            0.75,
         ),
         (
             "one stalled client: others' p99 ≤ 1.2x without it",
