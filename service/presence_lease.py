@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
 from .envelopes import User
 
@@ -41,6 +42,32 @@ class LeasedPresence:
     async def _refresh(self) -> None:
         """Renew the lease; resync when it was lost or `_dirty`."""
         raise NotImplementedError
+
+    def _detach(self) -> object | None:
+        """Hand over the store's connection (None if not started) and forget it."""
+        raise NotImplementedError
+
+    async def _withdraw(self, handle: Any) -> None:
+        """Delete this worker's entries and its lease."""
+        raise NotImplementedError
+
+    async def _disconnect(self, handle: Any) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        """Withdraw every entry of this worker and its lease, then disconnect."""
+        await self._stop_keep_alive()
+        handle = self._detach()
+        if handle is None:
+            return
+        try:
+            async with asyncio.timeout(max(self.ttl, 10.0)):
+                await self._withdraw(handle)
+        except Exception as exc:  # the lease expires by itself, and the entries with it
+            log.warning("presence of worker %s not withdrawn: %r", self.worker, exc)
+        finally:
+            self._mine.clear()
+            await self._disconnect(handle)
 
     def _remember(self, room: str, user: User) -> None:
         users = self._mine.setdefault(room, {})

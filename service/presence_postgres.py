@@ -283,25 +283,20 @@ class PostgresPresence(LeasedPresence):
         self._pool, self.worker = pool, worker
         self._start_keep_alive()
 
-    async def stop(self) -> None:
-        """Withdraw every entry of this worker and its lease, then disconnect."""
-        await self._stop_keep_alive()
+    def _detach(self) -> Any:
         pool, self._pool = self._pool, None
-        if pool is None:
-            return
+        return pool
+
+    async def _withdraw(self, pool: Any) -> None:
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute(self._sql.drop_rows, self.worker)
+            await conn.execute(self._sql.drop_lease, self.worker)
+
+    async def _disconnect(self, pool: Any) -> None:
         try:
-            async with asyncio.timeout(max(self.ttl, 10.0)):
-                async with pool.acquire() as conn, conn.transaction():
-                    await conn.execute(self._sql.drop_rows, self.worker)
-                    await conn.execute(self._sql.drop_lease, self.worker)
-        except Exception as exc:  # the lease expires by itself; others delete the rows
-            log.warning("presence of worker %s not withdrawn: %r", self.worker, exc)
-        finally:
-            self._mine.clear()
-            try:
-                await asyncio.wait_for(pool.close(), 10.0)
-            except Exception:
-                pool.terminate()
+            await asyncio.wait_for(pool.close(), 10.0)
+        except Exception:
+            pool.terminate()
 
     # --- the contract ----------------------------------------------------
 

@@ -34,7 +34,6 @@ in Redis from that copy ("resync"), with `add`/`remove` held off meanwhile.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 from collections.abc import Awaitable
@@ -317,24 +316,17 @@ class RedisPresence(LeasedPresence):
         }
         self._start_keep_alive()
 
-    async def stop(self) -> None:
-        """Withdraw every entry of this worker and its lease, then disconnect."""
-        await self._stop_keep_alive()
+    def _detach(self) -> aioredis.Redis | None:
         client, self._redis = self._redis, None
-        if client is None:
-            return
-        try:
-            async with asyncio.timeout(max(self.ttl, 10.0)):
-                await self._scripts["drop"](
-                    keys=self._worker_keys(), args=[self._base, self.worker]
-                )
-                await cast(Awaitable[int], client.srem(self._base + "leases", self.worker))
-        except Exception as exc:  # the lease and the keys expire by themselves
-            log.warning("presence of worker %s not withdrawn: %r", self.worker, exc)
-        finally:
-            self._scripts = {}
-            self._mine.clear()
-            await client.aclose()
+        return client
+
+    async def _withdraw(self, client: aioredis.Redis) -> None:
+        await self._scripts["drop"](keys=self._worker_keys(), args=[self._base, self.worker])
+        await cast(Awaitable[int], client.srem(self._base + "leases", self.worker))
+
+    async def _disconnect(self, client: aioredis.Redis) -> None:
+        self._scripts = {}
+        await client.aclose()
 
     # --- the contract ----------------------------------------------------
 
