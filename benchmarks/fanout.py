@@ -369,9 +369,11 @@ class Profile:
 
 
 AREAS = [  # first match wins: (substring of the frame's file, area)
-    ("service/hub.py", "roomcast hub fan-out"),
-    ("service/connection.py", "roomcast outbox and sender"),
-    ("service/sockets.py", "roomcast socket edge (decode, dispatch)"),
+    ("service/engine/sequencer.py", "roomcast hub fan-out"),
+    ("service/engine/hub.py", "roomcast hub fan-out"),
+    ("service/engine/connection.py", "roomcast outbox and sender"),
+    ("service/engine/wire.py", "roomcast outbox and sender"),
+    ("service/web/sockets.py", "roomcast socket edge (decode, dispatch)"),
     ("service/", "roomcast other (history, envelopes, transport)"),
     ("broadcaster/", "broadcaster memory backend"),
     ("starlette/", "Starlette (WebSocket, routing)"),

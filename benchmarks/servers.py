@@ -51,7 +51,7 @@ ROOMCAST_ENV = {
 }
 
 ROOMCAST = Spec(
-    "roomcast", "service.app:create_app", "/ws/bench", pad=0, factory=True, env=ROOMCAST_ENV
+    "roomcast", "roomcast.app:create_app", "/ws/bench", pad=0, factory=True, env=ROOMCAST_ENV
 )
 BASELINES = [
     Spec("bare ASGI", "benchmarks.baselines.bare_asgi:app", "/ws/bench"),

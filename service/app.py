@@ -1,13 +1,13 @@
-"""Wiring: the Roomcast ASGI app, its routes and its lifespan.
+"""Wiring: the Roomcast ASGI app, its routes, its lifespan, and what user code calls.
 
-from service import Roomcast
+from roomcast import Roomcast
 rc = Roomcast()                       # settings from the environment
 app = Starlette(routes=[Mount("/rt", app=rc)], lifespan=rc.lifespan)
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -15,49 +15,103 @@ from starlette.applications import Starlette
 from starlette.routing import BaseRoute, Mount, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 
-from .api import Api, not_found
-from .envelopes import ClientEnvelope, Codec, ServerEnvelope, schema
-from .history import open_store
-from .hub import Hub
-from .pages import page_routes
-from .presence import open_presence
+from .backends.broker.factory import open_broker
+from .backends.history.base import Appended
+from .backends.history.factory import open_store
+from .backends.presence.factory import open_presence
+from .engine.hub import Hub
+from .protocol.codec import Codec
+from .protocol.codes import Close
+from .protocol.envelopes import ClientEnvelope, Envelope, Level, ServerEnvelope
+from .protocol.schema import schema
 from .settings import Settings
-from .sockets import PROTOCOL_HANDLERS, Handler, RoomSocket, SocketContext
+from .web.api import Api, not_found
+from .web.pages import page_routes
+from .web.sockets import PROTOCOL_HANDLERS, Handler, RoomSocket, SocketContext
 
-E = TypeVar("E", bound=ClientEnvelope)
+HandlerT = TypeVar("HandlerT", bound=Callable[[RoomSocket, Any], Awaitable[None]])
+ServerT = TypeVar("ServerT", bound=type[ServerEnvelope])
 
 
 class Roomcast:
     """The roomcast service as an ASGI app, to serve alone or mount in your own."""
 
     def __init__(self, settings: Settings | None = None) -> None:
-        self.settings = settings or Settings.from_environ()
-        self.hub = Hub(self.settings, open_store(self.settings), open_presence(self.settings))
+        self.settings = settings = settings or Settings.from_environ()
+        self.hub = Hub(
+            settings,
+            open_store(settings.history_url, settings.history_size, settings.history_ttl),
+            open_presence(settings.broadcast_url, settings.history_url, settings.presence_ttl),
+            open_broker(settings.broadcast_url),
+        )
         self.handlers: dict[type[ClientEnvelope], Handler] = dict(PROTOCOL_HANDLERS)
         self.server_types: list[type[ServerEnvelope]] = []
         self._app: Starlette | None = None
         self._socket: type[RoomSocket] | None = None
 
-    def handler(self, envelope: type[E]) -> Callable[[Callable[[RoomSocket, E], Any]], Any]:
+    # --- what an application adds ----------------------------------------
+
+    def handler(self, envelope: type[ClientEnvelope]) -> Callable[[HandlerT], HandlerT]:
         """Register a client envelope type (a tagged `ClientEnvelope` subclass) and its handler:
 
         @rc.handler(Typing)
         async def typing(socket: RoomSocket, message: Typing) -> None: ...
         """
-        assert self._app is None, "register envelope types before the app serves"
-        assert issubclass(envelope, ClientEnvelope), f"{envelope!r} must subclass ClientEnvelope"
+        self._not_serving("register envelope types")
+        if not (isinstance(envelope, type) and issubclass(envelope, ClientEnvelope)):
+            raise TypeError(f"{envelope!r} must be a subclass of roomcast.ClientEnvelope")
 
-        def register(fn: Callable[[RoomSocket, E], Any]) -> Any:
+        def register(fn: HandlerT) -> HandlerT:
             self.handlers[envelope] = fn
             return fn
 
         return register
 
-    def server_envelope(self, envelope: type[ServerEnvelope]) -> type[ServerEnvelope]:
+    def server_envelope(self, envelope: ServerT) -> ServerT:
         """Declare a custom server envelope so that /schema.json describes it."""
-        assert self._app is None, "declare envelope types before the app serves"
+        self._not_serving("declare envelope types")
+        if not (isinstance(envelope, type) and issubclass(envelope, ServerEnvelope)):
+            raise TypeError(f"{envelope!r} must be a subclass of roomcast.ServerEnvelope")
         self.server_types.append(envelope)
         return envelope
+
+    def _not_serving(self, what: str) -> None:
+        if self._app is not None:
+            raise RuntimeError(f"{what} before the app serves its first request")
+
+    # --- what an application calls ---------------------------------------
+
+    async def publish(
+        self,
+        room: str,
+        *,
+        title: str,
+        body: str,
+        level: Level = "info",
+        data: Any = None,
+        ref: str | None = None,
+    ) -> Appended:
+        """Store a notification in `room` (the room's next offset) and deliver it to every
+        member, on every worker. A repeated `ref` returns the first and publishes nothing."""
+        return await self.hub.publish(room, title=title, body=body, level=level, data=data, ref=ref)
+
+    async def broadcast(self, room: str, envelope: Envelope) -> None:
+        """Deliver an ephemeral envelope (not stored, no offset) to the room's members."""
+        await self.hub.broadcast(room, envelope)
+
+    async def notify_user(
+        self, user_id: str, *, title: str, body: str, level: Level = "info", data: Any = None
+    ) -> int:
+        """Send a notification to each connection of one user, on every worker; returns how
+        many connections it reached."""
+        return await self.hub.notify_user(user_id, title=title, body=body, level=level, data=data)
+
+    async def disconnect_user(self, user_id: str, code: int = Close.UNAUTHORIZED) -> int:
+        """Close every connection of one user (with 4401 unless told otherwise), on every
+        worker; returns how many there were."""
+        return await self.hub.disconnect_user(user_id, code)
+
+    # --- serving ---------------------------------------------------------
 
     def schema(self) -> dict[str, Any]:
         extra = [t for t in self.handlers if t not in PROTOCOL_HANDLERS]

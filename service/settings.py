@@ -8,48 +8,20 @@ starts.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlparse, urlsplit, urlunsplit
+from urllib.parse import urlparse
 
 from starlette.config import Config, EnvironError
 from starlette.datastructures import CommaSeparatedStrings, Secret
 
-BROADCAST_SCHEMES = ("memory", "redis", "rediss", "postgres", "postgresql", "kafka")
-HISTORY_SCHEMES = ("memory", "sqlite", "redis", "rediss", "postgres", "postgresql")
+from .backends.urls import POSTGRES, REDIS, safe_url
+from .errors import SettingsError
 
-
-class SettingsError(ValueError):
-    """A setting has a value roomcast cannot run with."""
-
-
-_PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
-
-
-def split_prefix(url: str, var: str, max_chars: int = 64) -> tuple[str, str]:
-    """(the URL for the driver, the key or table prefix from `?prefix=`, default `roomcast`)."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    prefix = next((v for k, v in query if k == "prefix"), "roomcast")
-    if not _PREFIX.fullmatch(prefix) or len(prefix) > max_chars:
-        raise SettingsError(
-            f"{var}={safe_url(url)!r} is invalid: prefix must be 1-{max_chars} of "
-            "A-Z a-z 0-9 _ - . :"
-        )
-    rest = urlencode([(k, v) for k, v in query if k != "prefix"])
-    return urlunsplit(parts._replace(query=rest)), prefix
-
-
-def safe_url(url: str) -> str:
-    """The URL for messages and logs: its password (Heroku's broker URLs carry one) hidden."""
-    parts = urlparse(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+BROADCAST_SCHEMES = ("memory", *REDIS, *POSTGRES, "kafka")
+HISTORY_SCHEMES = ("memory", "sqlite", *REDIS, *POSTGRES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +58,7 @@ class Settings:
         _check_url("BROADCAST_URL", self.broadcast_url, BROADCAST_SCHEMES)
         if not self.history_url:
             scheme = urlparse(self.broadcast_url).scheme
-            shared = scheme in ("redis", "rediss", "postgres", "postgresql")
+            shared = scheme in (*REDIS, *POSTGRES)
             object.__setattr__(self, "history_url", self.broadcast_url if shared else "memory://")
         _check_url("HISTORY_URL", self.history_url, HISTORY_SCHEMES)
         if self.outbox_size >= self.history_size:

@@ -23,14 +23,15 @@ class Server:
     port: int
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    prefix: str = ""  # where roomcast is mounted in the app the server runs
 
     @property
     def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://127.0.0.1:{self.port}{self.prefix}"
 
     @property
     def ws(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
+        return f"ws://127.0.0.1:{self.port}{self.prefix}"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -52,6 +53,9 @@ class Server:
             raise
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
 def start_server(
     env: dict[str, str] | None = None,
     args: list[str] | None = None,
@@ -59,6 +63,17 @@ def start_server(
     cwd: str | None = None,
 ) -> Server:
     """Start `roomcast serve --port 0` and wait until it accepts requests."""
+    command = [python, "-m", "roomcast", "serve", "--host", "127.0.0.1", "--port", "0"]
+    return _start([*command, *(args or [])], env, cwd, "")
+
+
+def start_app(target: str, prefix: str, env: dict[str, str] | None = None) -> Server:
+    """Start `uvicorn TARGET` (an app of the tests that mounts roomcast at `prefix`)."""
+    command = [sys.executable, "-m", "uvicorn", target, "--host", "127.0.0.1", "--port", "0"]
+    return _start(command, env, str(REPO), prefix)
+
+
+def _start(command: list[str], env: dict[str, str] | None, cwd: str | None, prefix: str) -> Server:
     # The log outlives this function: the server writes to it until it stops.
     log_file = tempfile.NamedTemporaryFile(  # noqa: SIM115
         prefix="roomcast-", suffix=".log", delete=False
@@ -66,18 +81,14 @@ def start_server(
     full_env = {k: v for k, v in os.environ.items() if k not in ("WEB_CONCURRENCY", "PORT")}
     full_env.update(env or {})
     process = subprocess.Popen(
-        [python, "-m", "service", "serve", "--host", "127.0.0.1", "--port", "0", *(args or [])],
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        env=full_env,
-        cwd=cwd,
+        command, stdout=log_file, stderr=subprocess.STDOUT, env=full_env, cwd=cwd
     )
     log_path = Path(log_file.name)
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while time.monotonic() < deadline:
         match = _RUNNING.search(log_path.read_text(errors="replace"))
         if match:
-            server = Server(process, int(match.group(1)), log_path, env or {})
+            server = Server(process, int(match.group(1)), log_path, env or {}, prefix)
             try:  # with several workers the port is bound before they serve
                 server.get_json("/healthz")
                 return server
@@ -85,10 +96,10 @@ def start_server(
                 pass
         if process.poll() is not None:
             raise RuntimeError(
-                f"roomcast serve exited {process.returncode}:\n{log_path.read_text()}"
+                f"{command[2:4]} exited {process.returncode}:\n{log_path.read_text()}"
             )
         time.sleep(0.05)
     process.kill()
     raise RuntimeError(
-        f"roomcast serve did not start in {STARTUP_TIMEOUT}s:\n{log_path.read_text()}"
+        f"{command[2:4]} did not start in {STARTUP_TIMEOUT}s:\n{log_path.read_text()}"
     )

@@ -1,0 +1,1 @@
+"""History stores: offsets, epochs and retention per room."""

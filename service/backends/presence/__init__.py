@@ -1,0 +1,1 @@
+"""Presence stores: who is in which room, across workers."""

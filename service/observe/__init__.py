@@ -1,0 +1,1 @@
+"""What roomcast shows of itself: Prometheus metrics and structured logs."""

@@ -1,0 +1,1 @@
+"""The Starlette edges: WebSockets, the HTTP API, pages, and who may connect."""

@@ -1,0 +1,1 @@
+"""The Jinja templates and page assets, shipped as the package data `roomcast.templates`."""
