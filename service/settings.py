@@ -45,6 +45,17 @@ class Settings:
     presence_events_max: int = 100
     presence_list_max: int = 100
     presence_ttl: int = 30
+    ws_compression: str = "off"
+    fast_writes: str = "auto"
+    handshake_timeout: int = 10
+    connect_rate: int = 20
+    forwarded_allow_ips: str = "127.0.0.1"  # "*" when DYNO is set (from_environ)
+    history_memory_mb: int = 64
+    connect_hook_url: str = ""
+    join_hook_url: str = ""
+    chat_hook_url: str = ""
+    hook_secret: Secret | None = None
+    hook_timeout: int = 5
 
     def __post_init__(self) -> None:
         for name, low in _MINIMUMS.items():
@@ -61,6 +72,12 @@ class Settings:
             shared = scheme in (*REDIS, *POSTGRES)
             object.__setattr__(self, "history_url", self.broadcast_url if shared else "memory://")
         _check_url("HISTORY_URL", self.history_url, HISTORY_SCHEMES)
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise SettingsError(
+                    f"{name.upper()}={getattr(self, name)!r} is invalid: use one of "
+                    f"{', '.join(allowed)}."
+                )
         if self.outbox_size >= self.history_size:
             raise SettingsError(
                 f"OUTBOX_SIZE={self.outbox_size} is invalid: it must be below "
@@ -87,12 +104,16 @@ class Settings:
         for field in fields(cls):
             var = field.name.upper()
             try:
-                if field.name in ("jwt_secret", "api_key"):
+                if field.name in _SECRETS:
                     raw = config(var, default=None)
                     values[field.name] = Secret(raw) if raw else None
                 elif field.name == "allowed_origins":
                     raw = config(var, default="")
                     values[field.name] = tuple(o for o in CommaSeparatedStrings(raw) if o)
+                elif field.name == "forwarded_allow_ips":
+                    # On Heroku the router is the only way in: trust what it forwards.
+                    default = "*" if config("DYNO", default="") else field.default
+                    values[field.name] = config(var, cast=str, default=default)
                 elif field.type == "int":
                     values[field.name] = config(var, cast=int, default=field.default)
                 else:
@@ -105,6 +126,11 @@ class Settings:
         return cls(**values)
 
 
+_SECRETS = ("jwt_secret", "api_key", "hook_secret")
+_CHOICES = {
+    "ws_compression": ("off", "shared", "per-connection"),
+    "fast_writes": ("auto", "off"),
+}
 _MINIMUMS = {
     "port": 0,
     "history_size": 1,
@@ -120,6 +146,10 @@ _MINIMUMS = {
     "presence_events_max": 0,
     "presence_list_max": 0,
     "presence_ttl": 1,
+    "handshake_timeout": 1,
+    "connect_rate": 0,
+    "history_memory_mb": 1,
+    "hook_timeout": 1,
 }
 
 

@@ -16,6 +16,7 @@ from ..observe import metrics
 from ..protocol import asyncapi
 from ..protocol.envelopes import PROTOCOL_VERSION, SUBPROTOCOL
 from ..settings import Settings
+from .assets import Assets
 
 
 def templates_dir() -> Path:
@@ -32,6 +33,7 @@ def page_routes(
     hub: Hub, settings: Settings, schema_document: dict[str, object]
 ) -> list[BaseRoute]:
     templates = Jinja2Templates(directory=templates_dir())
+    assets = Assets(templates_dir() / "static")
     asyncapi_document = asyncapi.document(schema_document)
 
     async def index(request: Request) -> Response:
@@ -76,6 +78,9 @@ def page_routes(
     async def asyncapi_json(request: Request) -> Response:
         return JSONResponse(asyncapi_document)
 
+    async def static(request: Request) -> Response:
+        return assets.response(request, request.path_params["name"])
+
     async def prometheus(request: Request) -> Response:
         # In a thread: with several workers, the exposition reads their files.
         body, content_type = await run_in_threadpool(
@@ -90,4 +95,5 @@ def page_routes(
         Route("/schema.json", schema_json, methods=["GET"]),
         Route("/asyncapi.json", asyncapi_json, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
+        Route("/static/{name}", static, methods=["GET"]),
     ]

@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 from websockets.asyncio.client import connect
 
+from roomcast.settings import Settings
+
 from ..rawws import RawWebSocket
 from ..servers import Server, start_server
 
@@ -140,6 +142,12 @@ def free_port() -> int:
         ({"MAX_MESSAGE_BYTES": "100"}, "MAX_MESSAGE_BYTES", "at least"),
         ({"WEB_CONCURRENCY": "two"}, "WEB_CONCURRENCY", "integer"),
         ({"WEB_CONCURRENCY": "0"}, "WEB_CONCURRENCY", "at least 1"),
+        ({"WS_COMPRESSION": "gzip"}, "WS_COMPRESSION", "off, shared, per-connection"),
+        ({"FAST_WRITES": "on"}, "FAST_WRITES", "auto, off"),
+        ({"CONNECT_RATE": "-1"}, "CONNECT_RATE", "at least 0"),
+        ({"HANDSHAKE_TIMEOUT": "0"}, "HANDSHAKE_TIMEOUT", "at least 1"),
+        ({"HISTORY_MEMORY_MB": "lots"}, "HISTORY_MEMORY_MB", "integer"),
+        ({"HOOK_TIMEOUT": "0"}, "HOOK_TIMEOUT", "at least 1"),
     ],
     ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else None,
 )
@@ -152,6 +160,14 @@ def test_bad_setting_stops_startup_naming_the_variable(
     assert why in outcome.output
     assert "Traceback" not in outcome.output
     assert "Started server process" not in outcome.output
+
+
+def test_forwarded_headers_are_trusted_from_loopback_unless_on_heroku() -> None:
+    assert Settings.from_environ({}, env_file=None).forwarded_allow_ips == "127.0.0.1"
+    on_heroku = Settings.from_environ({"DYNO": "web.1"}, env_file=None)
+    assert on_heroku.forwarded_allow_ips == "*"  # the router is the only way in
+    chosen = Settings.from_environ({"DYNO": "web.1", "FORWARDED_ALLOW_IPS": "10.0.0.1"})
+    assert chosen.forwarded_allow_ips == "10.0.0.1"
 
 
 def test_bad_option_value_names_the_option() -> None:
