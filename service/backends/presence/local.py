@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import islice
+
 from ...protocol.envelopes import User
 
 
@@ -36,7 +38,8 @@ class LocalPresence:
 
     async def snapshot(self, room: str, limit: int) -> tuple[int, list[User]]:
         users = self._rooms.get(room, {})
-        listed = [user for user, _ in users.values()][:limit] if limit else []
+        # The first `limit` only: a join into a room of N must not copy all N users.
+        listed = [user for user, _ in islice(users.values(), limit)]
         return len(users), listed
 
     async def workers(self) -> int:
