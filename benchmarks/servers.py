@@ -3,13 +3,16 @@
 Every ASGI app runs under the same uvicorn command line (1 worker, uvloop,
 httptools, the WebSocket implementation under test, pings every 25 s as
 `roomcast serve` sets them, no access log) on a free loopback port; the
-`websockets` library runs its own server on uvloop.
+`websockets` library and picows run their own servers on uvloop. roomcast
+gets the WebSocket protocol and permessage-deflate option that `roomcast
+serve` picks for its WS_COMPRESSION (`engine.wire.uvicorn_options`); the
+baselines uvicorn's defaults. Each server is the leader of its own process
+group (`procs.py`), ended with its group.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +20,10 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from roomcast.engine.wire import uvicorn_options
+
+from . import procs
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = 30.0
@@ -35,7 +42,8 @@ class Spec:
     factory: bool = False
     uvicorn: bool = True
     env: dict[str, str] = field(default_factory=dict)
-    ws: str = "websockets-sansio"
+    ws: str = "websockets-sansio"  # for roomcast: WS_COMPRESSION's protocol unless set
+    roomcast: bool = False
 
     def but(self, **changes: object) -> Spec:
         from dataclasses import replace
@@ -44,18 +52,28 @@ class Spec:
 
 
 ROOMCAST_ENV = {
-    # The publisher sends far more than a person: no rate limit in the way.
+    # The publisher sends far more than a person, and every client connects from one
+    # machine: no rate limit in the way.
     "RATE_LIMIT": "1000000",
+    "CONNECT_RATE": "0",
     "MAX_CONNECTIONS": "20000",
     "HISTORY_SIZE": "1000",
 }
 
 ROOMCAST = Spec(
-    "roomcast", "roomcast.app:create_app", "/ws/bench", pad=0, factory=True, env=ROOMCAST_ENV
+    "roomcast",
+    "roomcast.app:create_app",
+    "/ws/bench",
+    pad=0,
+    factory=True,
+    env=ROOMCAST_ENV,
+    ws="",
+    roomcast=True,
 )
 BASELINES = [
     Spec("bare ASGI", "benchmarks.baselines.bare_asgi:app", "/ws/bench"),
     Spec("websockets.broadcast()", "benchmarks.baselines.websockets_broadcast", "/", uvicorn=False),
+    Spec("raw picows", "benchmarks.baselines.picows_broadcast", "/", uvicorn=False),
     Spec("FastAPI tutorial", "benchmarks.baselines.fastapi_tutorial:app", "/ws/{i}"),
     Spec("broadcaster example", "benchmarks.baselines.broadcaster_example:app", "/"),
     Spec(
@@ -79,13 +97,7 @@ class Running:
         return f"ws://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        procs.end(self.process, grace=15)
         self.log.unlink(missing_ok=True)
 
 
@@ -103,8 +115,15 @@ def environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def start(spec: Spec, extra_env: dict[str, str] | None = None) -> Running:
+def start(spec: Spec, extra_env: dict[str, str] | None = None, nofile: int = 0) -> Running:
+    """Start the server; `nofile`: raise its open-file limit to that (up to the hard limit)."""
     port = free_port()
+    env = {**spec.env, **(extra_env or {})}
+    ws, deflate = spec.ws, "true"  # uvicorn's default: permessage-deflate accepted
+    if spec.roomcast:
+        options = uvicorn_options(env.get("WS_COMPRESSION", "off"))
+        ws = spec.ws or str(options["ws"])
+        deflate = str(options["ws_per_message_deflate"]).lower()
     if spec.uvicorn:
         command = [
             sys.executable,
@@ -120,7 +139,9 @@ def start(spec: Spec, extra_env: dict[str, str] | None = None) -> Running:
             "--http",
             "httptools",
             "--ws",
-            spec.ws,
+            ws,
+            "--ws-per-message-deflate",
+            deflate,
             "--ws-ping-interval",
             "25",
             "--ws-ping-timeout",
@@ -137,15 +158,26 @@ def start(spec: Spec, extra_env: dict[str, str] | None = None) -> Running:
         command = [sys.executable, "-m", spec.app, str(port)]
     log = Path(tempfile.mkstemp(prefix="roomcast-bench-", suffix=".log")[1])
     with log.open("wb") as out:
-        process = subprocess.Popen(
+        process = procs.spawn(
             command,
             stdout=out,
             stderr=subprocess.STDOUT,
-            env=environment({**spec.env, **(extra_env or {})}),
+            env=environment(env),
             cwd=ROOT,
+            preexec_fn=lambda: _in_the_child(nofile),
         )
-    wait_for_port(port, process, log)
+    try:
+        wait_for_port(port, process, log)
+    except BaseException:
+        procs.end(process)
+        raise
     return Running(spec, process, port, log)
+
+
+def _in_the_child(nofile: int) -> None:
+    procs.die_with_parent()  # even when the benchmark itself is killed
+    if nofile:
+        procs.raise_nofile(nofile)
 
 
 def wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
@@ -159,5 +191,4 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path) -> Non
                 return
         except OSError:
             time.sleep(0.05)
-    process.kill()
     raise RuntimeError(f"server did not listen in {STARTUP_TIMEOUT}s:\n{log.read_text()}")
