@@ -9,8 +9,8 @@ process with CAP_SYS_RESOURCE may go. Where the hard limit is lower than
 the count asked for, the largest count it allows is measured, and the
 table says so.
 
-The room: MEMBERS subscribers join, then a publisher sends chats at 10 per
-second; reported are publish-to-receive latency over every delivery (in
+The room (2,000 members in a quick run): the members join, then a publisher
+sends chats at 10 per second; reported are publish-to-receive latency over every delivery (in
 10 µs buckets), what was lost, and the server's CPU per delivery. Idle: the
 connections join one room and stay quiet; reported are the connection rate
 (all processes together, from the first connect to the last handshake),
