@@ -299,17 +299,18 @@ async def connect_all(
     socketio: bool = False,
     deflate: bool = False,
     bind: list[str] | None = None,
-    stalled: int | None = None,
+    small_buffer: int | None = None,
 ) -> list[Subscriber]:
     """Subscribers `numbers` (`{i}` in `url` is the number), CONNECT_BATCH at a time, each
-    from the next of the `bind` source addresses."""
+    from the next of the `bind` source addresses; number `small_buffer` with a 4 KiB
+    receive buffer (the one that will stop reading)."""
     subs: list[Subscriber] = []
     for first in range(numbers.start, numbers.stop, CONNECT_BATCH):
         batch = [
             connect(
                 url.replace("{i}", str(i)),
-                Subscriber(run, i, socketio, stalled=i == stalled),
-                small_buffer=i == stalled,
+                Subscriber(run, i, socketio),
+                small_buffer=i == small_buffer,
                 deflate=deflate,
                 bind=bind[i % len(bind)] if bind else None,
             )

@@ -5,7 +5,7 @@ own process group, with `python -m benchmarks.crowd '<json>'`: the helper
 connects its share of the subscribers, then speaks JSON lines. It writes
 `{"connected": …}` once, then `{"received", "synced", "closed"}` whenever
 they change (every 50 ms at most); it answers `{"phase": P}` (count frames of
-phase P from now on) with `{"ack": P}`, and `{"report": true}` with the phase's
+phase P from now on) with `{"ack": P}`, and `{"report": true}` with the phase's CPU time,
 deliveries, latency buckets and bytes on the wire; `{"quit": true}` ends it.
 Only paced phases run over helpers: a burst needs the publisher to see
 every delivery at once.
@@ -52,16 +52,18 @@ async def helper(plan: dict[str, Any]) -> None:
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     progress = asyncio.create_task(_progress(run, subs))
     bytes0 = 0
+    cpu0 = time.process_time()
     try:
         while line := await reader.readline():
             command = json.loads(line)
             if "phase" in command:
                 run.reset(command["phase"].encode())
                 bytes0 = sum(s.bytes_received() for s in subs)
+                cpu0 = time.process_time()
                 _say({"ack": command["phase"]})
             elif "report" in command:
                 wire = sum(s.bytes_received() for s in subs) - bytes0
-                _say({"report": _report(run, wire)})
+                _say({"report": _report(run, wire, time.process_time() - cpu0)})
             elif "quit" in command:
                 break
     finally:
@@ -72,8 +74,9 @@ async def helper(plan: dict[str, Any]) -> None:
         await asyncio.sleep(0.2)
 
 
-def _report(run: Run, wire_bytes: int) -> dict[str, Any]:
+def _report(run: Run, wire_bytes: int, cpu_s: float) -> dict[str, Any]:
     return {
+        "cpu_s": cpu_s,
         "received": run.received,
         "frame_bytes": run.frame_bytes,
         "wire_bytes": wire_bytes,

@@ -3,7 +3,7 @@
 `python -m benchmarks.loadgen '<json plan>'` prints one JSON object. The plan:
 
     {"url": "ws://127.0.0.1:PORT", "path": "/ws/bench", "dialect": "text" | "socketio",
-     "subscribers": N, "stall": false, "pid": SERVER_PID, "pad": 0,
+     "subscribers": N, "stall_before": 0, "pid": SERVER_PID, "pad": 0,
      "deflate": false, "bind": ["127.0.0.2", …], "helpers": 0,
      "api": {"room": "bench", "key": API_KEY},
      "phases": [{"mode": "burst", "messages": M, "window": 32, "kind": "chat"},
@@ -21,7 +21,11 @@ runs while the server's CPU time (of it and its descendants, from
 ~1 KiB room notification published through the HTTP API with that marker
 in its body; a subscriber takes the time of any frame holding it. Burst
 keeps at most `window` messages per subscriber in flight (the server takes
-them as fast as it delivers them); paced sends at `rate` per second.
+them as fast as it delivers them); paced sends at `rate` per second. With
+`stall_before` = K, the last subscriber (4 KiB receive buffer) stops
+reading before phase K, and phases from K on count the others only.
+A phase also reports how busy the busiest load-generator process was: near
+100%, latency measures the clients rather than the server.
 """
 
 from __future__ import annotations
@@ -130,8 +134,10 @@ async def phase(
     run.on_progress = None
     wire = sum(s.bytes_received() for s in subs) - bytes0
     got, frame_bytes, latencies = run.received, run.frame_bytes, Counter(run.latencies)
+    busiest = own_cpu
     for crowd in crowds:
         report = await crowd.report()
+        busiest = max(busiest, report["cpu_s"])
         got += report["received"]
         frame_bytes += report["frame_bytes"]
         wire += report["wire_bytes"]
@@ -152,6 +158,7 @@ async def phase(
         "cpu_us_per_delivery": round(cpu / got * 1e6, 2) if got else float("nan"),
         # The load generator's main process only (helpers are not counted).
         "client_cpu_us_per_delivery": round(own_cpu / got * 1e6, 2) if got else float("nan"),
+        "busiest_client_percent": round(100 * busiest / elapsed),
         **percentiles(latencies),
         "frame_bytes": round(frame_bytes / got) if got else 0,
         "wire_bytes": round(wire / got) if got else 0,
@@ -184,7 +191,8 @@ async def main(plan: dict[str, Any]) -> dict[str, Any]:
         )
         for s in shares[1:]
     ]
-    stalled = plan.get("stall", False)
+    stall_before = plan.get("stall_before", 0)
+    assert not (stall_before and crowds), "the stalled subscriber is this process's"
     try:
         subs = await connect_all(
             run,
@@ -193,7 +201,7 @@ async def main(plan: dict[str, Any]) -> dict[str, Any]:
             socketio=socketio,
             deflate=deflate,
             bind=bind,
-            stalled=n - 1 if stalled else None,
+            small_buffer=n - 1 if stall_before else None,
         )
         connected = time.monotonic()
         deflated = sum(s.deflate for s in subs)
@@ -240,14 +248,15 @@ async def _measure(
         Path(gate + ".ready").touch()  # noqa: ASYNC240
         while not Path(gate + ".go").exists():  # noqa: ASYNC110, ASYNC240
             await asyncio.sleep(0.02)
-    stalled = plan.get("stall", False)
-    if stalled:
-        victim = subs[-1]
-        assert victim.transport is not None
-        victim.transport.underlying_transport.pause_reading()
-        run.active = n - 1
+    stall_before = plan.get("stall_before", 0)
+    victim = subs[-1]
     results = []
     for number, spec in enumerate(plan["phases"], start=1):
+        if number == stall_before:  # the last subscriber stops reading from now on
+            assert victim.transport is not None
+            victim.stalled = True
+            victim.transport.underlying_transport.pause_reading()
+            run.active = n - 1
         results.append(await phase(run, publisher, http, subs, crowds, spec, number))
         await asyncio.sleep(0.1)
     report: dict[str, Any] = {
@@ -257,8 +266,7 @@ async def _measure(
         "peak_rss": memory(run.pids, "VmHWM"),
         "phases": results,
     }
-    if stalled:
-        victim = subs[-1]
+    if stall_before:
         assert victim.transport is not None
         victim.transport.underlying_transport.resume_reading()
         await asyncio.sleep(plan.get("stall_wait", 2.0))

@@ -1,5 +1,6 @@
-"""One stalled client among N: paced chats with big frames; one subscriber stops reading
-after it joined, and the others' latency is compared with a run without it."""
+"""One stalled client among N: paced chats with big frames, first with every subscriber
+reading, then, on the same server and connections, with one that stopped reading; the
+others' latency in the second window is compared with the first."""
 
 from __future__ import annotations
 
@@ -48,64 +49,54 @@ def _slow_consumers(running: Running) -> int | None:
 
 
 def stall(messages: int, settle: float, full: bool) -> list[Stall]:
-    phases = [{"mode": "paced", "messages": messages, "rate": STALL_RATE}]
-    out = []
+    window = {"mode": "paced", "messages": messages, "rate": STALL_RATE}
     roomcast = ROOMCAST.but(env={**ROOMCAST.env, "OUTBOX_SIZE": str(STALL_OUTBOX)})
-    # bare ASGI only with the stall: it shows what a sequential `await send` does then.
-    for spec, cases in ((roomcast, (False, True)), (BASELINES[0], (True,))):
-        if spec is not roomcast and not full:
-            continue
-        runs: dict[bool, dict[str, Any]] = {}
+    out = []
+    # bare ASGI in a full run: it shows what a sequential `await send` does with a stall.
+    for spec in (roomcast, BASELINES[0]) if full else (roomcast,):
+        say(f"stall: {spec.name}")
+        running = servers.start(spec.but(pad=STALL_PAD))
         slow = None
-        for stalled in cases:
-            say(f"stall: {spec.name}, stalled={stalled}")
-            running = servers.start(spec.but(pad=STALL_PAD))
-            try:
-                runs[stalled] = loadgen(
-                    running,
-                    {
-                        "subscribers": N,
-                        "stall": stalled,
-                        "settle": settle,
-                        # Long enough for roomcast's 10 s close grace (DROP_TIMEOUT) in a full run.
-                        "stall_wait": 12.0 if full else 1.0,
-                        "phases": phases,
-                    },
-                )
-                if stalled and spec is roomcast:
-                    slow = _slow_consumers(running)
-            finally:
-                running.stop()
-        out.append(_result(spec.name, runs, slow))
+        try:
+            report = loadgen(
+                running,
+                {
+                    "subscribers": N,
+                    "stall_before": 2,
+                    "settle": settle,
+                    # Long enough for roomcast's 10 s close grace (DROP_TIMEOUT) in a full run.
+                    "stall_wait": 12.0 if full else 1.0,
+                    "phases": [window, window],
+                },
+            )
+            if spec is roomcast:
+                slow = _slow_consumers(running)
+        finally:
+            running.stop()
+        out.append(_result(spec.name, report, slow))
     return out
 
 
-def _result(name: str, runs: dict[bool, dict[str, Any]], slow: int | None) -> Stall:
-    bad = runs[True]
-    calm = runs.get(False)
-    fate = bad.get("stalled", {})
+def _result(name: str, report: dict[str, Any], slow: int | None) -> Stall:
+    calm, bad = report["phases"]
+    fate = report.get("stalled", {})
     if fate.get("close_code"):
         what = f"closed {fate['close_code']}"
     elif fate.get("disconnected"):
         what = "disconnected"
     else:
         what = "still open at the end"
-
-    def growth(report: dict[str, Any]) -> int:
-        return round((report["phases"][0]["rss_after"] - report["rss_idle"]) / 1024)
-
-    p99 = calm["phases"][0]["p99_ms"] if calm else float("nan")
     return Stall(
         name=name,
-        p99_ms=p99,
-        p99_stalled_ms=bad["phases"][0]["p99_ms"],
-        p99_ratio=round(bad["phases"][0]["p99_ms"] / p99, 2) if calm else float("nan"),
-        lost=bad["phases"][0]["lost"],
-        rss_growth_kib=growth(calm) if calm else 0,
-        rss_growth_stalled_kib=growth(bad),
+        p99_ms=calm["p99_ms"],
+        p99_stalled_ms=bad["p99_ms"],
+        p99_ratio=round(bad["p99_ms"] / calm["p99_ms"], 2),
+        lost=calm["lost"] + bad["lost"],
+        rss_growth_kib=round((calm["rss_after"] - report["rss_idle"]) / 1024),
+        rss_growth_stalled_kib=round((bad["rss_after"] - calm["rss_after"]) / 1024),
         stalled_frames=fate.get("frames", 0),
         stalled_fate=what,
-        frame_bytes=bad["phases"][0]["frame_bytes"],
+        frame_bytes=bad["frame_bytes"],
         slow_consumers=slow,
     )
 
@@ -116,9 +107,10 @@ def table(stalls: list[Stall], n: int) -> str:
         f"Paced {STALL_RATE} chats/s with ~{STALL_PAD}-byte frames, so that a client that "
         "stops reading fills the kernel's buffers (Linux lets a send buffer grow to 4 MiB "
         "when the peer's window limits it) and uvicorn's within the run; roomcast with "
-        f"OUTBOX_SIZE={STALL_OUTBOX}. The same run without the stalled client is the "
-        "reference. RSS growth: the server's VmRSS at the end "
-        "of the window less at its start.\n",
+        f"OUTBOX_SIZE={STALL_OUTBOX}. One server, one set of connections, two windows of the "
+        "same length: every subscriber reading, then one that stopped (its frames of the "
+        "first window count, those of the second do not). RSS growth: the server's VmRSS "
+        "at the end of a window less at its start.\n",
         "| server | others' p99 ms, no stall | with a stall | ratio | lost | RSS growth KiB, "
         "no stall | with a stall | outbox bound KiB | stalled client | slow consumers |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",

@@ -178,3 +178,22 @@ def test_a_missing_py_spy_skips_the_profile_with_a_note(
     assert skipped.samples == 0
     assert "py-spy was not found" in skipped.note
     assert skipped.note in profile_table(skipped, 1000)
+
+
+@pytest.mark.slow
+def test_a_subscriber_that_stops_reading_leaves_the_second_window_to_the_others() -> None:
+    report = measure(
+        ROOMCAST,
+        {
+            "subscribers": 10,
+            "settle": 0.1,
+            "stall_before": 2,
+            "stall_wait": 0.5,
+            "phases": [{"mode": "paced", "messages": 3, "rate": 20}] * 2,
+        },
+        timeout=120,
+    )
+    calm, stalled = report["phases"]
+    assert (calm["expected"], calm["deliveries"]) == (30, 30)
+    assert (stalled["expected"], stalled["deliveries"]) == (27, 27)
+    assert report["stalled"]["frames"] >= 3  # what it read before it stopped
