@@ -40,7 +40,12 @@ class Roomcast:
         self.settings = settings = settings or Settings.from_environ()
         self.hub = Hub(
             settings,
-            open_store(settings.history_url, settings.history_size, settings.history_ttl),
+            open_store(
+                settings.history_url,
+                settings.history_size,
+                settings.history_ttl,
+                settings.history_memory_mb,
+            ),
             open_presence(settings.broadcast_url, settings.history_url, settings.presence_ttl),
             open_broker(settings.broadcast_url),
         )

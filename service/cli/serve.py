@@ -95,7 +95,12 @@ def _check_backends(settings: Settings) -> None:
     """Connect once here, in the parent: a bad URL or an unreachable broker stops
     start-up with the variable's name, instead of workers that die one by one
     behind a bound port."""
-    store = open_store(settings.history_url, settings.history_size, settings.history_ttl)
+    store = open_store(
+        settings.history_url,
+        settings.history_size,
+        settings.history_ttl,
+        settings.history_memory_mb,
+    )
     try:
         backend = open_broker(settings.broadcast_url)
     except ValueError as exc:

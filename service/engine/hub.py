@@ -166,7 +166,7 @@ class Hub:
             # Shielded: a joiner that goes away must not cancel the subscription for others.
             await asyncio.shield(room.ready)
         except BaseException:
-            room.pending -= 1
+            room.join_ended()
             if room.ready.done() and self.rooms.get(name) is room:
                 del self.rooms[name]
                 metrics.ROOMS.dec()
@@ -232,7 +232,7 @@ class Hub:
             conn.rooms.add(name)
             metrics.JOINS.inc()
         finally:
-            room.pending -= 1
+            room.join_ended()
             self._release(room)
         if first and online <= settings.presence_events_max:
             await self._publish_system(name, "join", conn.user, online)

@@ -28,8 +28,11 @@ from .transport import room_channel
 
 log = logging.getLogger("roomcast.hub")
 
-# Stored frames a room keeps after fanning them out, so a join whose history
-# read raced with new messages picks up what arrived meanwhile.
+# Stored frames a room keeps after fanning them out while a join is in progress,
+# so a join whose history read raced with new messages picks up what arrived
+# meanwhile. Only then: every frame fanned out before the read began is in the
+# store by then (a frame is stored before it is published), and frames kept for
+# longer would hold memory the history store has let go (HISTORY_MEMORY_MB).
 RECENT_FRAMES: Final = 128
 # How long a frame that arrived ahead of its predecessor waits for it before
 # the hub reads the missing ones from history (workers publish concurrently).
@@ -66,9 +69,14 @@ class Room:
         # Every live member has been given every stored frame up to `newest`.
         self.newest = 0
         self.epoch: str | None = None
-        self.recent: deque[tuple[int, str]] = deque(maxlen=RECENT_FRAMES)
+        self.recent: deque[tuple[int, str]] = deque(maxlen=RECENT_FRAMES)  # while pending
         self.held: dict[int, str] = {}  # frames that arrived ahead of a gap
         self.filling = False  # a gap fill is under way
+
+    def join_ended(self) -> None:
+        self.pending -= 1
+        if not self.pending:
+            self.recent.clear()  # no join left that could need them
 
     @property
     def empty(self) -> bool:
@@ -125,7 +133,8 @@ class Sequencer:
 
     def _deliver(self, room: Room, offset: int, text: str) -> None:
         room.newest = offset
-        room.recent.append((offset, text))
+        if room.pending:
+            room.recent.append((offset, text))
         joining = room.joining
         if joining:
             for conn, cursor in list(joining.items()):

@@ -57,7 +57,12 @@ class Backend:
 
     async def open(self, size: int = 100, ttl: int = 3600) -> HistoryStore:
         settings = Settings(history_url=self.url, history_size=size, history_ttl=ttl, outbox_size=1)
-        store = open_store(settings.history_url, settings.history_size, settings.history_ttl)
+        store = open_store(
+            settings.history_url,
+            settings.history_size,
+            settings.history_ttl,
+            settings.history_memory_mb,
+        )
         await within(store.connect())
         self.stores.append(store)
         return store
@@ -378,7 +383,12 @@ async def test_memory_store_trims_by_injected_clock() -> None:
 
 
 def open_settings(settings: Settings) -> HistoryStore:
-    return open_store(settings.history_url, settings.history_size, settings.history_ttl)
+    return open_store(
+        settings.history_url,
+        settings.history_size,
+        settings.history_ttl,
+        settings.history_memory_mb,
+    )
 
 
 def _settings(url: str) -> Settings:
