@@ -11,6 +11,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import fields
+from typing import Any, cast
 
 from ..backends.broker.factory import open_broker
 from ..backends.history.factory import open_store
@@ -154,6 +155,8 @@ def _log_format(args: argparse.Namespace) -> str:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from .handshakes import http_protocol
+
     settings = _settings_from(args)
     log_format = _log_format(args)
     workers = _workers(args, settings)
@@ -172,8 +175,11 @@ def serve(args: argparse.Namespace) -> int:
             ws_ping_interval=settings.heartbeat_seconds,
             ws_ping_timeout=settings.heartbeat_seconds,
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+            # Not finishing a request in time, or handshaking past the worker's cap, closes
+            # the socket: HANDSHAKE_TIMEOUT (see handshakes.py).
+            http=cast(Any, http_protocol(settings.handshake_timeout, settings.max_connections)),
             proxy_headers=True,
-            forwarded_allow_ips="*",
+            forwarded_allow_ips=settings.forwarded_allow_ips,
             server_header=False,
         )
     return 0
