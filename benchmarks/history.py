@@ -122,7 +122,12 @@ def run(quick: bool = False, stores: list[str] | None = None) -> list[Result]:
         for round_ in range(rounds):
             for store in wanted:
                 server = start_server(
-                    {"HISTORY_URL": urls[store](), "RATE_LIMIT": "100000", "HISTORY_SIZE": "2000"}
+                    {
+                        "HISTORY_URL": urls[store](),
+                        "RATE_LIMIT": "100000",
+                        "CONNECT_RATE": "0",
+                        "HISTORY_SIZE": "2000",
+                    }
                 )
                 try:
                     room = f"bench{round_}"

@@ -46,6 +46,8 @@ class Spec:
 ROOMCAST_ENV = {
     # The publisher sends far more than a person: no rate limit in the way.
     "RATE_LIMIT": "1000000",
+    # One load generator opens every connection from one address: no CONNECT_RATE.
+    "CONNECT_RATE": "0",
     "MAX_CONNECTIONS": "20000",
     "HISTORY_SIZE": "1000",
 }

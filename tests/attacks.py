@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import socket
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -44,6 +45,12 @@ def rss_mib(pid: int) -> float:
 
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def limit_fds(pid: int, limit: int) -> None:
+    """Lower a running process's file descriptor limit (`prlimit`, as root)."""
+    command = ["prlimit", "--pid", str(pid), f"--nofile={limit}:{limit}"]
+    await asyncio.to_thread(subprocess.run, command, check=True)
 
 
 def metric(server: Server, name: str) -> float:
@@ -142,7 +149,9 @@ async def flood(
             sent = 0
             started = time.monotonic()
             while time.monotonic() < deadline:
-                await ws.send(json.dumps({"type": "chat", "room": rooms[sent % rooms_each], "text": text}))
+                await ws.send(
+                    json.dumps({"type": "chat", "room": rooms[sent % rooms_each], "text": text})
+                )
                 sent += 1
                 # Paced under the rate limit: the next chat is due at sent / per_second.
                 await asyncio.sleep(max(0.0, started + sent / per_second - time.monotonic()))

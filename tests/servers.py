@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 STARTUP_TIMEOUT = 20.0
+# Tests connect from one address (127.0.0.1) far faster than people do, so servers
+# they start allow that, unless a test sets CONNECT_RATE itself (those of the limit do).
+TEST_ENV = {"CONNECT_RATE": "1000"}
 _RUNNING = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
 
 
@@ -79,6 +82,7 @@ def _start(command: list[str], env: dict[str, str] | None, cwd: str | None, pref
         prefix="roomcast-", suffix=".log", delete=False
     )
     full_env = {k: v for k, v in os.environ.items() if k not in ("WEB_CONCURRENCY", "PORT")}
+    full_env.update(TEST_ENV)
     full_env.update(env or {})
     process = subprocess.Popen(
         command, stdout=log_file, stderr=subprocess.STDOUT, env=full_env, cwd=cwd

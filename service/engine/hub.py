@@ -116,14 +116,23 @@ class Hub:
         """Run `coro` in a task that `stop()` cancels."""
         task = asyncio.create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        metrics.TASKS.inc()
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        metrics.TASKS.dec()
 
     # --- connections -----------------------------------------------------
 
     def attach(self, conn: Connection) -> None:
         self.connections.add(conn)
         metrics.CONNECTIONS.inc()
-        self.users.setdefault(conn.user.id, set()).add(conn)
+        mine = self.users.get(conn.user.id)
+        if mine is None:
+            mine = self.users[conn.user.id] = set()
+            metrics.USERS.inc()
+        mine.add(conn)
 
     def on_overflow(self, conn: Connection) -> None:
         log.info("slow consumer %s closed with 4408", conn.id)
@@ -145,6 +154,7 @@ class Hub:
             mine.discard(conn)
             if not mine:
                 del self.users[conn.user.id]
+                metrics.USERS.dec()
         names = list(conn.rooms)
         for name in names:
             self._unregister(conn, name)

@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..engine.hub import Hub
 from ..errors import ProtocolError
 from ..observe import metrics
+from ..protocol.codec import TOO_DEEP
 from ..protocol.envelopes import Level, Ref, User, is_room_name
 from ..settings import Settings
 from .auth import MAX_SUBJECT_CHARS, sanitize_name
@@ -230,6 +231,8 @@ class Api:
             return decoder.decode(body)
         except msgspec.DecodeError as exc:
             raise ApiError(422, "invalid_body", f"The body does not validate: {exc}.") from None
+        except RecursionError:
+            raise ApiError(422, "invalid_body", f"{TOO_DEEP}.") from None
 
     def _check_text(self, field: str, value: str) -> None:
         if len(value) > self.settings.max_text_chars:

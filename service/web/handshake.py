@@ -1,4 +1,5 @@
-"""The checks a WebSocket passes before its `welcome`: capacity, origin, room, identity.
+"""The checks a WebSocket passes before its `welcome`: connection rate, capacity, origin,
+room, identity.
 
 Pure functions of the request's values and the settings, no I/O: a refusal is
 a `Refuse` (the close code, the error code and a sentence), which the endpoint
@@ -12,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from ..engine.limits import ConnectRate
 from ..errors import Refuse
 from ..protocol.codes import Close
 from ..protocol.envelopes import SUBPROTOCOL, Since, User, is_room_name
@@ -38,15 +40,37 @@ def subprotocol_of(offered: Sequence[str]) -> str | None:
     return SUBPROTOCOL if SUBPROTOCOL in offered else None
 
 
+class TooFast(Refuse):
+    """CONNECT_RATE refused the connection (4429, as MAX_CONNECTIONS does)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """Where a connection comes from and when: the address uvicorn settled on after
+    FORWARDED_ALLOW_IPS (None for a Unix socket), the monotonic clock, and the
+    per-address buckets of CONNECT_RATE."""
+
+    address: str | None
+    now: float
+    rate: ConnectRate
+
+
 def admit(
     settings: Settings,
     connections: int,
+    attempt: Attempt,
     headers: Mapping[str, str],
     query: Mapping[str, str],
     offered: Sequence[str],
     room: str | None,
 ) -> Admission:
     """The connection's identity, or `Refuse` saying why it may not connect."""
+    if attempt.address is not None and not attempt.rate.allow(attempt.address, attempt.now):
+        raise TooFast(
+            Close.TOO_MANY,
+            f"Too many connections from your address: at most {settings.connect_rate} per "
+            "second (CONNECT_RATE). Reconnect with backoff.",
+        )
     if connections >= settings.max_connections:
         raise Refuse(
             Close.TOO_MANY,

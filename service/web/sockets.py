@@ -22,11 +22,11 @@ from starlette.websockets import WebSocket
 
 from ..engine.connection import Connection
 from ..engine.hub import Hub
-from ..engine.limits import Verdict
+from ..engine.limits import ConnectRate, Verdict
 from ..engine.wire import wire_for
 from ..errors import ProtocolError, Refuse
 from ..observe import metrics
-from ..protocol.codec import Codec, encode, ref_of, salvage
+from ..protocol.codec import TOO_DEEP, Codec, encode, ref_of, salvage
 from ..protocol.codes import Close, ErrorCode
 from ..protocol.envelopes import (
     Ack,
@@ -46,7 +46,7 @@ from ..protocol.envelopes import (
 )
 from ..settings import Settings
 from .auth import Unauthorized, room_permitted, verify_token
-from .handshake import ROOM_RULE, admit, join_query, subprotocol_of
+from .handshake import ROOM_RULE, Attempt, TooFast, admit, join_query, subprotocol_of
 
 log = logging.getLogger("roomcast.sockets")
 
@@ -61,6 +61,24 @@ class SocketContext:
     settings: Settings
     codec: Codec
     handlers: dict[type[ClientEnvelope], Handler] = field(default_factory=dict)
+    connect_rate: ConnectRate = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.connect_rate = ConnectRate(self.settings.connect_rate)
+
+
+_REASONS = {
+    ErrorCode.TOO_MANY_CONNECTIONS: "max_connections",
+    ErrorCode.ORIGIN_NOT_ALLOWED: "origin",
+    ErrorCode.UNAUTHORIZED: "unauthorized",
+    ErrorCode.FORBIDDEN: "forbidden",
+    ErrorCode.INVALID_ROOM: "invalid_room",
+}
+
+
+def _reason(refusal: Refuse) -> str:
+    """The `reason` label of a refused connection (metrics.REFUSALS)."""
+    return "connect_rate" if isinstance(refusal, TooFast) else _REASONS.get(refusal.error, "other")
 
 
 class RoomSocket(WebSocketEndpoint):
@@ -108,11 +126,24 @@ class RoomSocket(WebSocketEndpoint):
         subprotocol = subprotocol_of(offered)
         self.room = websocket.path_params.get("room")
         query = websocket.query_params
+        client = websocket.client
+        attempt = Attempt(
+            client.host if client is not None else None,
+            asyncio.get_running_loop().time(),
+            self.context.connect_rate,
+        )
         try:
             admission = admit(
-                settings, len(hub.connections), websocket.headers, query, offered, self.room
+                settings,
+                len(hub.connections),
+                attempt,
+                websocket.headers,
+                query,
+                offered,
+                self.room,
             )
         except Refuse as refusal:
+            metrics.refused(_reason(refusal))
             # A browser cannot read a refused handshake's status: accept, explain, close.
             await websocket.accept(subprotocol=subprotocol)
             await websocket.send_text(encode(Error(code=refusal.error, detail=refusal.detail)))
@@ -213,6 +244,9 @@ class RoomSocket(WebSocketEndpoint):
             except msgspec.DecodeError as exc:
                 metrics.IN_OTHER.inc()
                 return self._bad(ErrorCode.INVALID_JSON, f"The frame is not valid JSON: {exc}.")
+            except RecursionError:
+                metrics.IN_OTHER.inc()
+                return self._bad(ErrorCode.INVALID_MESSAGE, f"{TOO_DEEP}.")
         if self.room is not None and type(message) is SendChat and message.room is None:
             message.room = self.room
         conn.bad_frames.good()

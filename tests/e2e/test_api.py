@@ -267,22 +267,28 @@ async def test_presence_lists_the_rooms_users(api_server: Server) -> None:
         await ann.recv_type("system", event="join")
         answer = await api(api_server, "GET", f"/api/rooms/{room}/presence")
         assert answer["room"] == room and answer["online"] == 2
-        assert sorted(u["id"] for u in answer["users"]) == ["ann-1", "bob-1"]
+        assert sorted(u["name"] for u in answer["users"]) == ["Ann", "Bob"]
+        assert ann.user in answer["users"]
     empty = await api(api_server, "GET", f"/api/rooms/{fresh()}/presence")
     assert (empty["online"], empty["users"]) == (0, [])
 
 
 async def test_notify_counts_connections_and_disconnect_closes_4401(api_server: Server) -> None:
-    user = fresh("u")
+    secret = fresh("u")
     async with (
-        client(api_server, client=user) as one,
-        client(api_server, client=user) as two,
+        client(api_server, client=secret) as one,
+        client(api_server, client=secret) as two,
         client(api_server) as other,
     ):
+        user = one.user["id"]  # the public id, the same for both connections
+        assert two.user["id"] == user != secret
         answer = await api(
             api_server, "POST", f"/api/users/{user}/notify", {"title": "Hi", "body": "you"}
         )
         assert answer == {"delivered": 2}
+        assert await api(
+            api_server, "POST", f"/api/users/{secret}/notify", {"title": "x", "body": "y"}
+        ) == {"delivered": 0}  # the secret `client` is nobody's id
         for conn in (one, two):
             got = await conn.recv_type("notification", title="Hi", room=None, offset=None)
             assert got["epoch"] is None
@@ -309,13 +315,15 @@ def api_pair(request: pytest.FixtureRequest) -> Iterator[tuple[Server, Server]]:
 
 async def test_api_across_two_servers(api_pair: tuple[Server, Server]) -> None:
     one, two = api_pair
-    room, user = fresh(), fresh("u")
+    room, secret = fresh(), fresh("u")
     async with (
-        client(one, client=user) as here_a,
-        client(one, client=user) as here_b,
-        client(two, client=user) as there,
+        client(one, client=secret) as here_a,
+        client(one, client=secret) as here_b,
+        client(two, client=secret) as there,
         client(two, username="Watcher") as watcher,
     ):
+        user = here_a.user["id"]
+        assert here_b.user["id"] == there.user["id"] == user  # the same on every server
         await watcher.join(room)
         for conn in (here_a, there):
             await conn.join(room)
@@ -357,8 +365,9 @@ async def drain_to(conn: Client, kind: str, offset: int | None) -> dict[str, Any
 
 
 async def test_cli_publish_notify_disconnect(api_server: Server) -> None:
-    room, user = fresh(), fresh("u")
-    async with room_client(api_server, room) as ann, client(api_server, client=user) as bob:
+    room = fresh()
+    async with room_client(api_server, room) as ann, client(api_server, client=fresh("u")) as bob:
+        user = bob.user["id"]
         run = await asyncio.to_thread(
             roomcast,
             "publish", room, "--title", "Deploy", "--body", "done", "--level", "warning",

@@ -7,6 +7,7 @@ timeouts; nothing sleeps.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -95,6 +96,11 @@ class Chat:
         value = self.page.evaluate("localStorage.getItem('roomcast.client')")
         assert isinstance(value, str) and value
         return value
+
+    @property
+    def user_id(self) -> str:
+        """The public id the server derives from the page's secret `client` id."""
+        return "anon-" + hashlib.sha256(self.client_id.encode()).hexdigest()[:20]
 
     def texts(self) -> list[str]:
         return self.page.locator("#messages .msg .text").all_text_contents()
@@ -188,8 +194,8 @@ def test_two_users_see_each_other_and_chat(web: Server, new_chat: Callable[[], C
     for me, other, names in ((alice, bob, ["alice", "bob"]), (bob, alice, ["bob", "alice"])):
         expect(me.page.locator("#online li")).to_have_text(names, timeout=WAIT)
         expect(me.page.locator("#online-count")).to_have_text("2", timeout=WAIT)
-        expect(me.page.locator(f'#online li[data-user-id="{other.client_id}"]')).to_have_count(1)
-        expect(me.page.locator(f'#online li.me[data-user-id="{me.client_id}"]')).to_have_count(1)
+        expect(me.page.locator(f'#online li[data-user-id="{other.user_id}"]')).to_have_count(1)
+        expect(me.page.locator(f'#online li.me[data-user-id="{me.user_id}"]')).to_have_count(1)
     expect(alice.page.locator("#messages .system")).to_have_text(["bob joined"], timeout=WAIT)
 
     alice.say("hello from alice")

@@ -11,7 +11,6 @@ import asyncio
 import inspect
 import pickle
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 
@@ -20,7 +19,15 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from roomcast.cli.handshakes import GuardedHttp, Handshakes, http_protocol
 
-from ..attacks import ATTACKER, chatter, half_handshakes, metric, open_fds, still_open
+from ..attacks import (
+    ATTACKER,
+    chatter,
+    half_handshakes,
+    limit_fds,
+    metric,
+    open_fds,
+    still_open,
+)
 from ..servers import Server, start_server
 from ..support import client
 
@@ -133,7 +140,7 @@ async def test_a_thousand_half_handshakes_never_starve_clients() -> None:
     server = start_server({"HANDSHAKE_TIMEOUT": str(TIMEOUT)})
     try:
         pid = server.process.pid
-        subprocess.run(["prlimit", "--pid", str(pid), "--nofile=256:256"], check=True)
+        await limit_fds(pid, 256)
         base = open_fds(pid)
         stop = asyncio.Event()
         real = asyncio.create_task(chatter(server, "lobby", stop, gap=0.25))

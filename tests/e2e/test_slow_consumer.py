@@ -13,6 +13,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from ..servers import Server, start_app, start_server
+from ..support import counts
 
 TEXT_CHARS = 60_000
 MESSAGES = 200  # 200 x 60 kB: far more than the kernel and uvicorn buffer for one socket
@@ -100,8 +101,8 @@ async def open_member(server: Server, room: str, **kwargs: object) -> ClientConn
 
 async def wait_for_connections(server: Server, count: int, timeout: float) -> None:
     async with asyncio.timeout(timeout):
-        while server.get_json("/healthz")["connections"] != count:  # type: ignore[index]
-            await asyncio.sleep(0.05)
+        while counts(server)["connections"] != count:
+            await asyncio.sleep(0.05)  # polling /metrics, bounded by the timeout
 
 
 async def test_stalled_client_is_dropped_and_others_get_everything(slow_server: Server) -> None:

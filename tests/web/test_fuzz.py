@@ -37,12 +37,47 @@ envelopes = st.fixed_dictionaries(
         "token": json_values,
     },
 )
+MAX_BYTES = 8192
+# Deeper than msgspec (Python's recursion limit) decodes: closed or not, in any field.
+deep = st.builds(
+    lambda depth, kind, closed: kind[0] * depth + (kind[1] * depth if closed else ""),
+    st.integers(min_value=1000, max_value=MAX_BYTES // 2 - 100),
+    st.sampled_from([("[", "]"), ('{"a":', "}"), ('[{"a":', "}]")]),
+    st.booleans(),
+).filter(lambda text: len(text) < MAX_BYTES - 100)
+deep_frames = st.builds(
+    lambda head, nested: head + nested + ("}" if nested.endswith(("]", "}")) else ""),
+    st.sampled_from(
+        [
+            '{"type": "chat", "room": "lobby", "text": "x", "x": ',
+            '{"type": "join", "room": "a", "since": ',
+            '{"ref": "r", "type": "ping", "data": ',
+            '{"type": ',
+        ]
+    ),
+    deep,
+)
+# Very wide: thousands of keys or items, within MAX_MESSAGE_BYTES.
+wide_frames = st.builds(
+    lambda kind, width, base: json.dumps(
+        {**base, **{f"k{i}": i for i in range(width)}}
+        if kind == "keys"
+        else {**base, "room": list(range(width))}
+    ),
+    st.sampled_from(["keys", "items"]),
+    st.integers(min_value=100, max_value=1200),
+    st.sampled_from(
+        [{"type": "chat", "room": "lobby", "text": "w"}, {"type": "ping"}, {"type": "join"}]
+    ),
+)
 frames = st.one_of(
     envelopes.map(json.dumps),
     st.text(max_size=80),
     st.binary(max_size=40),
     json_values.map(json.dumps),
-    st.just("x" * 3000),  # over MAX_MESSAGE_BYTES below
+    deep_frames,
+    wide_frames,
+    st.just("x" * (MAX_BYTES + 100)),  # over MAX_MESSAGE_BYTES
 )
 
 
@@ -50,7 +85,12 @@ frames = st.one_of(
 def app_client() -> Iterator[tuple[Roomcast, TestClient]]:
     rc = Roomcast(
         Settings(
-            rate_limit=100000, max_message_bytes=2048, max_rooms=3, history_size=50, outbox_size=40
+            rate_limit=100000,
+            connect_rate=0,  # hypothesis connects hundreds of times from one address
+            max_message_bytes=MAX_BYTES,
+            max_rooms=3,
+            history_size=50,
+            outbox_size=40,
         )
     )
     with TestClient(rc) as client:

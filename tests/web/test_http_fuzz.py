@@ -19,7 +19,7 @@ from starlette.testclient import TestClient
 
 from roomcast import Roomcast, Settings
 
-KEY = "fuzz-key"
+KEY = "fuzz-key-of-16-chars"
 API_STATUSES = {200, 400, 401, 404, 405, 413, 422}
 
 json_values = st.recursive(
@@ -42,7 +42,40 @@ near_valid = st.fixed_dictionaries(
         "user": user_bodies | json_values,
     },
 )
+MAX_BYTES = 8192
+# Deeper than msgspec (Python's recursion limit) decodes, closed or not; and very wide.
+deep = st.builds(
+    lambda depth, kind, closed: kind[0] * depth + (kind[1] * depth if closed else ""),
+    st.integers(min_value=1000, max_value=MAX_BYTES // 2 - 100),
+    st.sampled_from([("[", "]"), ('{"a":', "}"), ('[{"a":', "}]")]),
+    st.booleans(),
+).filter(lambda text: len(text) < MAX_BYTES - 100)
+deep_bodies = st.builds(
+    lambda head, nested: (head + nested + ("}" if nested.endswith(("]", "}")) else "")).encode(),
+    st.sampled_from(
+        [
+            '{"type": "notification", "title": "t", "body": "b", "data": ',
+            '{"type": "chat", "text": "t", "user": {"id": "u", "name": ',
+            '{"title": "t", "body": "b", "data": ',
+            "",
+        ]
+    ),
+    deep,
+)
+wide_bodies = st.builds(
+    lambda width, base: json.dumps({**base, "data": list(range(width))}).encode(),
+    st.integers(min_value=100, max_value=1500),
+    st.sampled_from(
+        [
+            {"type": "notification", "title": "t", "body": "b"},
+            {"title": "t", "body": "b"},
+            {"type": "chat", "text": "t", "user": {"id": "u", "name": "n"}},
+        ]
+    ),
+)
 bodies = st.one_of(
+    deep_bodies,
+    wide_bodies,
     near_valid.map(lambda b: json.dumps(b).encode()),
     json_values.map(lambda b: json.dumps(b).encode()),
     st.binary(max_size=60),
@@ -81,7 +114,9 @@ authorizations = st.sampled_from([f"Bearer {KEY}", f"Bearer {KEY}", None, "Beare
 
 @pytest.fixture(scope="module")
 def app() -> Iterator[TestClient]:
-    rc = Roomcast(Settings(api_key=KEY, max_message_bytes=1024, history_size=20, outbox_size=10))
+    rc = Roomcast(
+        Settings(api_key=KEY, max_message_bytes=MAX_BYTES, history_size=20, outbox_size=10)
+    )
     with TestClient(rc, raise_server_exceptions=True) as client:
         yield client
 

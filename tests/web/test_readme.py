@@ -35,6 +35,7 @@ def test_readme_example_app_serves_custom_envelopes() -> None:
         with client.websocket_connect("/rt/ws/lobby?username=ann") as ann:
             next_of(ann, "joined")
             with client.websocket_connect("/rt/ws/lobby?username=bob&client=bob") as bob:
+                bob_id = next_of(bob, "welcome")["user"]["id"]  # public, derived from `client`
                 next_of(bob, "joined")
                 bob.send_text(json.dumps({"type": "typing", "room": "lobby"}))
                 assert next_of(ann, "typing_notice") == {
@@ -51,7 +52,7 @@ def test_readme_example_app_serves_custom_envelopes() -> None:
                 note = next_of(ann, "notification")
                 assert (note["title"], note["level"], note["offset"]) == ("Deploy", "success", 1)
                 assert next_of(bob, "notification")["offset"] == 1
-                portal.call(lambda: rc.notify_user("bob", title="Mention", body="hi"))
+                portal.call(lambda: rc.notify_user(bob_id, title="Mention", body="hi"))
                 personal = next_of(bob, "notification")
                 assert personal["title"] == "Mention"
                 assert (personal["room"], personal["epoch"], personal["offset"]) == (
