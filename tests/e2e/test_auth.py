@@ -311,6 +311,8 @@ def test_redact_tokens() -> None:
     assert redact_tokens("/ws?tok%65n=a.b.c") == "/ws?tok%65n=[redacted]"  # Starlette decodes keys
     assert redact_tokens("/ws?mytoken=keep&tokens=keep") == "/ws?mytoken=keep&tokens=keep"
     assert redact_tokens("no query") == "no query"
+    # An anonymous client's `client` id is a secret too: it makes the user.
+    assert redact_tokens("/ws?client=s3cret&username=ann") == "/ws?client=[redacted]&username=ann"
 
 
 def test_redact_filter_on_records() -> None:

@@ -270,6 +270,8 @@ async def test_a_public_id_does_not_let_anyone_connect_as_that_user(server: Serv
     # Stable across reconnects: the same secret, the same public id.
     async with client(server, client=secret) as again:
         assert again.user["id"] == alice_id
+    # Nor is the secret in the log of the handshakes (uvicorn writes it at once, to stderr).
+    assert secret not in server.log() and "client=[redacted]" in server.log()
     async with client(server) as nobody, client(server, client="bad client!") as invalid:
         for anonymous in (nobody, invalid):  # random, per connection
             assert anonymous.user["id"].startswith("anon-") and len(anonymous.user["id"]) == 25
