@@ -323,7 +323,7 @@ def test_client_id_survives_a_reload(web: Server, new_chat: Callable[[], Chat]) 
     me = alice.page.locator("#online li.me")
     expect(me).to_have_count(1, timeout=WAIT)
     before = me.get_attribute("data-user-id")
-    assert before == alice.client_id
+    assert before == alice.user_id  # derived from the client id the page keeps
 
     alice.page.reload()
     # Name and room were kept; the page reconnects by itself with the same client id.
@@ -336,7 +336,7 @@ def test_client_id_survives_a_reload(web: Server, new_chat: Callable[[], Chat]) 
         expect(chat.page.locator("#online-count")).to_have_text("2", timeout=WAIT)
     expect(bob.page.locator(f'#online li[data-user-id="{before}"]')).to_have_text("alice")
     assert len(alice.urls) == 2
-    assert all(f"client={before}&" in url for url in alice.urls)
+    assert all(f"client={alice.client_id}&" in url for url in alice.urls)
 
 
 def test_invalid_room_is_refused_in_the_page(web: Server, new_chat: Callable[[], Chat]) -> None:
