@@ -102,5 +102,8 @@ async def test_a_burst_arrives_whole_and_in_order_on_every_path(
     after = writes(server)
     if fast:
         assert after["fast"] > before["fast"], (before, after)
+        assert "writes: fast where possible" in server.log()
     else:
         assert after["fast"] == 0 and after["asgi"] > before["asgi"], (before, after)
+        said = ("writes: ASGI send only (FAST_WRITES=off)", "connections take ASGI send: ")
+        assert any(line in server.log() for line in said), server.log()
