@@ -202,7 +202,7 @@ class Hub:
         if name in conn.rooms:
             page = await self.store.last(name, 0)
             online, users = await self.presence.snapshot(name, settings.presence_list_max)
-            conn.push(encode(Joined(name, page.epoch, page.top, False, online, users, ref)))
+            conn.send(encode(Joined(name, page.epoch, page.top, False, online, users, ref)))
             return
         if len(conn.rooms) >= settings.max_rooms:
             raise ProtocolError(
@@ -251,7 +251,7 @@ class Hub:
         if name in conn.rooms:
             self._unregister(conn, name)
             await self._forget_presence(name, conn.user)
-        conn.push(encode(Left(name, ref)))
+        conn.send(encode(Left(name, ref)))
 
     def _unregister(self, conn: Connection, name: str) -> None:
         conn.rooms.discard(name)

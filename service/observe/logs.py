@@ -1,8 +1,8 @@
 """Logging for `roomcast serve`: uvicorn's loggers and ours, as text or JSON lines.
 
 No log line carries a token or an anonymous client's secret id (`?token=` and
-`?client=` are redacted from every record), an API key, or what users wrote: roomcast's own records name rooms, users and
-connections, never message text.
+`?client=` are redacted from every record), an API key, or what users wrote:
+roomcast's own records name rooms, users and connections, never message text.
 """
 
 from __future__ import annotations

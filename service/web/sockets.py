@@ -61,6 +61,7 @@ class SocketContext:
     settings: Settings
     codec: Codec
     handlers: dict[type[ClientEnvelope], Handler] = field(default_factory=dict)
+    fast_writes: bool = False  # prepared frames straight to the server's transport
     connect_rate: ConnectRate = field(init=False)
 
     def __post_init__(self) -> None:
@@ -116,7 +117,7 @@ class RoomSocket(WebSocketEndpoint):
 
     def reply(self, envelope: Envelope) -> None:
         """Queue an envelope for this connection (for custom handlers)."""
-        self.connection.push(encode(envelope))
+        self.connection.send(encode(envelope))
 
     # --- connect ---------------------------------------------------------
 
@@ -155,7 +156,7 @@ class RoomSocket(WebSocketEndpoint):
         conn = Connection(
             secrets.token_hex(8),
             user,
-            wire_for(websocket.scope, self.send),
+            wire_for(websocket.scope, self.send, self.context.fast_writes),
             limit=settings.outbox_size,
             rate=settings.rate_limit,
             on_overflow=hub.on_overflow,
@@ -164,7 +165,7 @@ class RoomSocket(WebSocketEndpoint):
         self.conn = conn
         hub.attach(conn)
         await websocket.accept(subprotocol=subprotocol)
-        conn.push(encode(Welcome(conn=conn.id, user=user, heartbeat=settings.heartbeat_seconds)))
+        conn.send(encode(Welcome(conn=conn.id, user=user, heartbeat=settings.heartbeat_seconds)))
         conn.start()
         self._schedule_expiry()
         if self.room is not None:
@@ -284,7 +285,7 @@ class RoomSocket(WebSocketEndpoint):
     ) -> None:
         if self.conn is not None:
             metrics.error_sent(code)
-            self.conn.push(encode(Error(code=code, detail=detail, ref=ref, room=room)))
+            self.conn.send(encode(Error(code=code, detail=detail, ref=ref, room=room)))
 
     # --- handlers of the protocol's requests -----------------------------
 
@@ -321,7 +322,7 @@ class RoomSocket(WebSocketEndpoint):
                 f"`text` has {len(message.text)} characters; at most {max_chars} (MAX_TEXT_CHARS).",
             )
         appended = await self.hub.chat(conn.user, room, message.text, message.ref)
-        conn.push(encode(Ack(ref=message.ref, room=room, offset=appended.offset)))
+        conn.send(encode(Ack(ref=message.ref, room=room, offset=appended.offset)))
 
     async def on_presence(self, message: GetPresence) -> None:
         self._joined(message.room)
