@@ -23,64 +23,14 @@ DEFS: Final = "#/$defs/"
 
 # Globals of JavaScript and of browsers that an envelope's name could shadow in generated
 # code (a test checks every name served against Chromium's own `window`).
-GLOBALS: Final = frozenset(
-    [
-        "AbortController",
-        "Animation",
-        "Array",
-        "Audio",
-        "Blob",
-        "Boolean",
-        "Comment",
-        "Credential",
-        "Date",
-        "Document",
-        "Element",
-        "Error",
-        "Event",
-        "EventTarget",
-        "File",
-        "Function",
-        "Headers",
-        "History",
-        "Image",
-        "Intl",
-        "JSON",
-        "Location",
-        "Lock",
-        "Map",
-        "Math",
-        "Navigator",
-        "Node",
-        "Notification",
-        "Number",
-        "Object",
-        "Option",
-        "Performance",
-        "Plugin",
-        "Promise",
-        "Proxy",
-        "Range",
-        "Reflect",
-        "Report",
-        "Request",
-        "Response",
-        "Screen",
-        "Selection",
-        "Set",
-        "Storage",
-        "String",
-        "Symbol",
-        "Text",
-        "Touch",
-        "URL",
-        "WeakMap",
-        "WeakSet",
-        "WebSocket",
-        "Window",
-        "Worker",
-    ]
-)
+_GLOBAL_NAMES = """
+AbortController Animation Array Audio Blob Boolean Comment Credential Date Document Element
+Error Event EventTarget File Function Headers History Image Intl JSON Location Lock Map Math
+Navigator Node Notification Number Object Option Performance Plugin Promise Proxy Range Reflect
+Report Request Response Screen Selection Set Storage String Symbol Text Touch URL WeakMap
+WeakSet WebSocket Window Worker
+"""
+GLOBALS: Final = frozenset(_GLOBAL_NAMES.split())
 SUFFIX: Final = "Envelope"
 
 # Any JSON value, null included (msgspec writes `Any` as `{}`, which code generators type
@@ -116,7 +66,7 @@ def schema(
         "ServerMessage": _one_of(server_schema),
     }
     renames = {name: name + SUFFIX for name in defs if name in GLOBALS}
-    return _renamed(
+    document: dict[str, Any] = _renamed(
         {
             "$schema": "https://json-schema.org/draft/2020-12/schema",
             "$id": "roomcast.v1",
@@ -127,6 +77,7 @@ def schema(
         },
         renames,
     )
+    return document
 
 
 def _one_of(union: dict[str, Any]) -> dict[str, Any]:

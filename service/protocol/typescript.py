@@ -24,20 +24,11 @@ _SCALARS: Final = {
 }
 
 # Names the API below declares: an envelope called so is renamed like a global would be.
-API_NAMES: Final = frozenset(
-    [
-        "Client",
-        "ClientError",
-        "ClientErrorCode",
-        "ClientOptions",
-        "JoinOptions",
-        "RecoveryFailed",
-        "ServerEvents",
-        "State",
-        "StateInfo",
-        "tokenExpiry",
-    ]
-)
+_API_NAMES = """
+Client ClientError ClientErrorCode ClientOptions JoinOptions RecoveryFailed ServerEvents State
+StateInfo tokenExpiry
+"""
+API_NAMES: Final = frozenset(_API_NAMES.split())
 
 API: Final = """
 export type State = "connecting" | "open" | "reconnecting" | "closed";
