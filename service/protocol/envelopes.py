@@ -49,13 +49,13 @@ class Envelope(Struct, tag_field="type", kw_only=True):
 # --- client to server -------------------------------------------------------
 
 
-class ClientEnvelope(Envelope, forbid_unknown_fields=True):
+class ClientEnvelope(Envelope):
     """Base of client requests. Subclass it (with a `tag`) to add your own type."""
 
     ref: Ref | None = None
 
 
-class Since(Struct, forbid_unknown_fields=True):
+class Since(Struct):
     epoch: str
     offset: Annotated[int, Meta(ge=0)]
 
