@@ -47,7 +47,11 @@ async (base) => {
     return c.clientId;
   };
   // A promise's outcome as data: {ok: value} or {error: code, closeCode}.
-  window.settle = (p) => p.then((ok) => ({ ok }), (e) => ({ error: e.code, closeCode: e.closeCode, detail: e.detail }));
+  window.settle = (p) => p.then(
+    (ok) => ({ ok }),
+    (e) => ({ error: e.code, closeCode: e.closeCode, detail: e.detail }),
+  );
+  window.enter = async (n, r) => { await clients[n].connect(); await clients[n].join(r); };
 }
 """
 
@@ -207,7 +211,7 @@ def test_restart_on_sqlite_history_emits_every_offset_once(
         tab = new_tab(srv)
         room = _room()
         tab.make("ann", srv.ws, username="ann")
-        tab.js("async (r) => { await clients.ann.connect(); await clients.ann.join(r); }", room)
+        tab.js("r => enter('ann', r)", room)
         for i in range(5):
             tab.js("([r, t]) => clients.ann.send(r, t)", [room, f"before {i}"])
         tab.until("() => logs.ann.filter((e) => e.kind === 'chat').length === 5")
@@ -228,7 +232,7 @@ def test_restart_on_sqlite_history_emits_every_offset_once(
 
         # Another client, after the restart: ann hears it once too.
         tab.make("bob", srv.ws, username="bob", client="bob-" + uuid.uuid4().hex[:8])
-        tab.js("async (r) => { await clients.bob.connect(); await clients.bob.join(r); }", room)
+        tab.js("r => enter('bob', r)", room)
         tab.js("([r, t]) => clients.bob.send(r, t)", [room, "after the restart"])
         tab.until("() => logs.ann.filter((e) => e.kind === 'chat').length >= 9")
         assert tab.offsets("ann", room) == list(range(1, 10))
@@ -254,7 +258,7 @@ def test_recovery_failed_after_a_restart_on_memory_history(
         tab = new_tab(srv)
         room = _room()
         tab.make("ann", srv.ws, username="ann")
-        tab.js("async (r) => { await clients.ann.connect(); await clients.ann.join(r); }", room)
+        tab.js("r => enter('ann', r)", room)
         tab.js("([r, t]) => clients.ann.send(r, t)", [room, "lost with the process"])
         srv.terminate()
         tab.until_state("ann", "reconnecting")
@@ -371,7 +375,8 @@ def test_slow_consumer_closed_4408_recovers(new_tab: Callable[[Server], Tab]) ->
         # Random text (60,000 base64 characters each): compression cannot shrink it.
         tab.js(
             """async (r) => {
-                const text = () => btoa(String.fromCharCode(...crypto.getRandomValues(new Uint8Array(45000))));
+                const bytes = () => crypto.getRandomValues(new Uint8Array(45000));
+                const text = () => btoa(String.fromCharCode(...bytes()));
                 for (let i = 0; i < 200; i++) await clients.fast.send(r, text());
             }""",
             room,
@@ -432,7 +437,7 @@ def test_token_refreshed_before_exp_and_after_4401(
     short = _token("ann", 6)
     tab.make("ann", secured.ws, token=short, refresh=True)
     room = _room()
-    tab.js("async (r) => { await clients.ann.connect(); await clients.ann.join(r); }", room)
+    tab.js("r => enter('ann', r)", room)
     expires = jwt.decode(short, options={"verify_signature": False})["exp"]
     tab.until(f"() => Date.now() > {(expires + 1) * 1000}", timeout=20_000)
     assert tab.js("([r, t]) => clients.ann.send(r, t)", [room, "past exp"])["offset"] == 1
