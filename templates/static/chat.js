@@ -267,8 +267,10 @@ function tokenRefused(detail) {
 function askForToken() {
   const exp = tokenExpiry(client?.token || "");
   const secs = exp === null ? 0 : Math.round((exp - Date.now()) / 1000);
-  if (lastState.code === 4401) {
-    notice(`Your token was refused: ${lastState.error?.detail ?? "it expired."} Paste a new one into Token.`, "error");
+  if (lastState.code === 4401 || secs <= 0) {
+    store.del(sessionStorage, TOKEN_KEY); // a reload must not present it again
+    const why = lastState.code === 4401 ? `was refused: ${lastState.error?.detail ?? ""}` : "has expired.";
+    notice(`Your token ${why} Paste a new one into Token.`, "error");
   } else {
     notice(`Your token expires in ${Math.max(0, secs)} s: paste a new one into Token to stay connected.`);
   }
