@@ -590,6 +590,7 @@ def test_room_not_in_the_token_is_forbidden(secured: Server, new_chat: Callable[
     assert chat.dialogs == []
 
 
+@pytest.mark.slow
 def test_expiring_token_is_warned_about_and_refreshed(
     secured: Server, new_chat: Callable[..., Chat]
 ) -> None:

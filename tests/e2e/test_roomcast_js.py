@@ -489,6 +489,7 @@ def test_final_closes_reject_pending_and_end_in_closed(
     assert again["error"] == "closed"
 
 
+@pytest.mark.slow
 def test_heartbeat_pings_after_silence_and_reconnects_without_pong(
     web: Server, new_tab: Callable[[Server], Tab]
 ) -> None:
