@@ -24,7 +24,7 @@ import itertools
 import logging
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any, Final, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import httpx
 from starlette.types import ASGIApp, Message, Scope
@@ -34,7 +34,7 @@ from websockets.frames import Close
 from .client import Client, ConnectionFailed
 from .client.dial import Socket
 from .client.events import Event
-from .protocol.envelopes import ServerEnvelope
+from .protocol.envelopes import Error, Joined, ServerEnvelope
 
 __all__ = ["InProcessClient", "RoomcastTest"]
 
@@ -52,6 +52,20 @@ class AppFailed(RuntimeError):
 
 class InProcessClient(Client):
     """`roomcast.client.Client` on an in-process connection, with `expect()`."""
+
+    def __init__(self, *args: Any, auto_join: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.auto_join = auto_join  # the room of `/ws/{room}`
+        self.auto_joined = asyncio.Event()
+
+    async def _dispatch(self, envelope: ServerEnvelope) -> None:
+        await super()._dispatch(envelope)
+        if (
+            isinstance(envelope, Joined | Error)
+            and envelope.ref is None
+            and envelope.room == self.auto_join
+        ):
+            self.auto_joined.set()
 
     async def expect(self, kind: type[E], timeout: float = 1.0) -> E:  # noqa: ASYNC109
         """The next envelope (or client event) of type `kind`; those before it are passed
@@ -224,6 +238,7 @@ class _Lifespan:
         self._to_app: asyncio.Queue[Message] = asyncio.Queue()
         self._from_app: asyncio.Queue[Message] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self.started = False
 
     async def _run(self) -> None:
         scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": self.state}
@@ -243,17 +258,22 @@ class _Lifespan:
             answer = await self._from_app.get()
         if answer["type"] != f"lifespan.{step}.complete":
             raise RuntimeError(f"the app's lifespan {step} failed: {answer.get('message', '')}")
+        self.started = step == "startup"
 
     async def start(self, within: float) -> None:
         self._task = asyncio.create_task(self._run(), name="roomcast-test lifespan")
-        await self._step("startup", within)
+        try:
+            await self._step("startup", within)
+        except BaseException:
+            await self.stop(within)
+            raise
 
     async def stop(self, within: float) -> None:
         task, self._task = self._task, None
         if task is None:
             return
         try:
-            if not task.done():
+            if not task.done() and self.started:
                 await self._step("shutdown", within)
         finally:
             if not task.done():
@@ -308,7 +328,8 @@ class RoomcastTest:
         timeout: float | None = None,  # noqa: ASYNC109 - the client's, for each request
     ) -> InProcessClient:
         """A client connected to `path` (`/ws`, `/ws/{room}`, or either below a mount;
-        `?since=`/`?history=` may follow); a refused connect raises its `ClientError`."""
+        `?since=`/`?history=` may follow); a refused connect raises its `ClientError`.
+        On `/ws/{room}` it returns once the room is joined (its `joined` is yielded)."""
         extra: list[tuple[bytes, bytes]] = [
             (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()
         ]
@@ -321,8 +342,11 @@ class RoomcastTest:
             await socket.open(open_timeout)
             return socket
 
+        target = urlsplit(path)
+        _, ws, room = unquote(target.path).rpartition("/ws/")
         client = InProcessClient(
             f"ws://{HOST}",
+            auto_join=room if ws and room and "/" not in room else None,
             token=token,
             username=username,
             client_id=client_id,
@@ -330,11 +354,13 @@ class RoomcastTest:
             envelopes=envelopes,
             dial=dial,
         )
-        target = urlsplit(path)
         query = urlsplit(client.url).query  # the client's own: client id, username
         client.url = f"ws://{HOST}{target.path}?" + "&".join(q for q in (target.query, query) if q)
         await client.connect()
         self.clients.append(client)
+        if client.auto_join is not None:
+            async with asyncio.timeout(client.timeout):
+                await client.auto_joined.wait()
         return client
 
     def _socket(
@@ -351,7 +377,7 @@ class RoomcastTest:
             "server": (HOST, 80),
             "client": (address, next(_ports)),
             "root_path": "",
-            "path": parts.path,
+            "path": unquote(parts.path),
             "raw_path": parts.path.encode(),
             "query_string": parts.query.encode(),
             "headers": [

@@ -9,6 +9,7 @@ never straight to the socket.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -18,7 +19,7 @@ from typing import Any, ClassVar
 
 import msgspec
 from starlette.endpoints import WebSocketEndpoint
-from starlette.websockets import WebSocket
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..engine.connection import Connection
 from ..engine.hub import Hub
@@ -139,10 +140,11 @@ class RoomSocket(UpgradeRequest, WebSocketEndpoint):
                 await hooks.admit(self, self.room)
         except Refuse as refusal:
             # A browser cannot read a refused handshake's status: accept, explain, close.
-            await websocket.accept(subprotocol=subprotocol)
-            await websocket.send_text(encode(Error(code=refusal.error, detail=refusal.detail)))
-            metrics.error_sent(refusal.error)
-            await websocket.close(refusal.code)
+            with contextlib.suppress(WebSocketDisconnect):  # it left (a slow connect hook)
+                await websocket.accept(subprotocol=subprotocol)
+                await websocket.send_text(encode(Error(code=refusal.error, detail=refusal.detail)))
+                metrics.error_sent(refusal.error)
+                await websocket.close(refusal.code)
             return
         user = self._identity
         self.permitted, self.token_expires = admission.permitted, admission.expires
