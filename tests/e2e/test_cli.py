@@ -148,6 +148,9 @@ def free_port() -> int:
         ({"HANDSHAKE_TIMEOUT": "0"}, "HANDSHAKE_TIMEOUT", "at least 1"),
         ({"HISTORY_MEMORY_MB": "lots"}, "HISTORY_MEMORY_MB", "integer"),
         ({"HOOK_TIMEOUT": "0"}, "HOOK_TIMEOUT", "at least 1"),
+        ({"JOIN_HOOK_URL": "ftp://x/join", "HOOK_SECRET": "s" * 16}, "JOIN_HOOK_URL", "http://"),
+        ({"CONNECT_HOOK_URL": "http://127.0.0.1/c"}, "HOOK_SECRET", "CONNECT_HOOK_URL is set"),
+        ({"HOOK_SECRET": "short"}, "HOOK_SECRET", "at least 16"),
     ],
     ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else None,
 )

@@ -145,6 +145,25 @@ async def test_the_client_reconnects_in_process_and_recovers() -> None:
         assert (chat.text, chat.offset) == ("after", ack.offset)
 
 
+async def test_a_reconnect_refused_by_a_failing_connect_hook_is_retried() -> None:
+    rc = Roomcast(Settings())
+    attempts: list[int] = []
+
+    @rc.on_connect
+    async def flaky(socket: Any) -> None:
+        attempts.append(len(attempts))
+        if len(attempts) == 2:  # the first reconnect: the user service is down
+            raise ConnectionError("the user service is down")
+
+    async with RoomcastTest(rc) as t:
+        ann = await t.connect("/ws/lobby", username="ann")
+        ann.backoff = (0.01, 0.05)
+        assert ann.welcome is not None
+        await rc.disconnect_user(ann.welcome.user.id, code=1012)
+        event = await ann.expect(Reconnected, timeout=5)
+        assert event.attempts == 2 and len(attempts) == 3
+
+
 class Boom:
     """Host middleware that fails on one path (an app bug a test must see)."""
 
