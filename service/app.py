@@ -7,6 +7,7 @@ app = Starlette(routes=[Mount("/rt", app=rc)], lifespan=rc.lifespan)
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -20,6 +21,7 @@ from .backends.history.base import Appended
 from .backends.history.factory import open_store
 from .backends.presence.factory import open_presence
 from .engine.hub import Hub
+from .engine.wire import fast_writes_available
 from .protocol.codec import Codec
 from .protocol.codes import Close
 from .protocol.envelopes import ClientEnvelope, Envelope, Level, ServerEnvelope
@@ -30,6 +32,8 @@ from .web.hooks import Hooks
 from .web.http_hooks import HttpHooks
 from .web.pages import page_routes
 from .web.sockets import PROTOCOL_HANDLERS, Handler, RoomSocket, SocketContext
+
+log = logging.getLogger("roomcast")
 
 HandlerT = TypeVar("HandlerT", bound=Callable[[RoomSocket, Any], Awaitable[None]])
 ServerT = TypeVar("ServerT", bound=type[ServerEnvelope])
@@ -167,7 +171,15 @@ class Roomcast:
 
     def _build(self) -> Starlette:
         extra = [t for t in self.handlers if t not in PROTOCOL_HANDLERS]
-        context = SocketContext(self.hub, self.settings, Codec(extra), self.handlers, self.hooks)
+        fast, why = fast_writes_available()
+        if self.settings.fast_writes == "off":
+            fast, why = False, "FAST_WRITES=off"
+        log.info(
+            "writes: %s", f"fast where possible ({why})" if fast else f"ASGI send only ({why})"
+        )
+        context = SocketContext(
+            self.hub, self.settings, Codec(extra), self.handlers, fast, self.hooks
+        )
         socket = self._socket = type("RoomSocket", (RoomSocket,), {"context": context})
         routes: list[BaseRoute] = [
             WebSocketRoute("/ws", socket),

@@ -15,6 +15,7 @@ from dataclasses import fields
 from ..backends.broker.factory import open_broker
 from ..backends.history.factory import open_store
 from ..backends.urls import safe_url
+from ..engine.wire import uvicorn_options
 from ..errors import SettingsError
 from ..observe.logs import FORMATS, log_config
 from ..observe.metrics import MULTIPROC_ENV, clear_stale_files
@@ -164,6 +165,7 @@ def serve(args: argparse.Namespace) -> int:
             workers=workers,
             log_level=args.log_level,
             ws_max_size=settings.max_message_bytes,
+            **uvicorn_options(settings.ws_compression),
             ws_ping_interval=settings.heartbeat_seconds,
             ws_ping_timeout=settings.heartbeat_seconds,
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,

@@ -16,11 +16,12 @@ import asyncio
 import logging
 import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from ..protocol.codes import Close
 from ..protocol.envelopes import User
+from .frames import Frame
 from .limits import BadFrames, RateLimiter
 from .wire import Wire
 
@@ -92,9 +93,9 @@ class Connection:
         self.on_overflow = on_overflow
         self.wire = wire
         # Frames pushed in this turn of the event loop, written at the next one: one
-        # frame as itself (a str is no garbage-collected container: a list per
-        # recipient per message kept the collector busy), several as a list.
-        self._pending: str | list[str] | None = None
+        # frame as itself (a list per recipient per message kept the garbage
+        # collector busy), several as a list.
+        self._pending: Frame | list[Frame] | None = None
         self._flush: _Flush | None = None
         # Created when something must wait, released when drained: idle connections are many.
         self._queue: deque[Any] | None = None
@@ -117,28 +118,32 @@ class Connection:
 
     # --- queueing (never awaits) -----------------------------------------
 
-    def push(self, text: str) -> bool:
+    def push(self, frame: Frame) -> bool:
         if self.closing:
             return False
         if self._sender is None and self._flush is not None:
             # Written at the next turn: not queued behind the client, so not counted
-            # (and the same str for every recipient: a reference each).
+            # (and the same Frame for every recipient: a reference each).
             pending = self._pending
             if pending is None:
-                self._pending = text
+                self._pending = frame
                 self._flush.add(self)
-            elif isinstance(pending, str):
-                self._pending = [pending, text]
+            elif type(pending) is Frame:
+                self._pending = [pending, frame]
             else:
-                pending.append(text)
+                pending.append(frame)  # type: ignore[union-attr]
             return True
         # Behind a send that waits for the client (or before start()).
         if self._counted >= self.limit:
             self._overflow()
             return False
         self._counted += 1
-        self._enqueue(text)
+        self._enqueue(frame)
         return True
+
+    def send(self, text: str) -> bool:
+        """Push one encoded envelope meant for this connection alone."""
+        return self.push(Frame(text))
 
     def _overflow(self) -> None:
         self.closing = True
@@ -163,7 +168,7 @@ class Connection:
         pending = self._pending
         if pending is not None:
             self._pending = None
-            self._enqueue_all([pending] if isinstance(pending, str) else pending)
+            self._enqueue_all([pending] if isinstance(pending, Frame) else pending)
 
     def write_pending(self) -> None:
         """Write what was pushed in the last turn of the event loop, in one go."""
@@ -171,13 +176,22 @@ class Connection:
         if pending is None:
             return
         self._pending = None
-        if isinstance(pending, str):
-            if self._live:
-                self._write(pending)
+        if not self._live:
             return
-        for index, text in enumerate(pending):
+        frames: Sequence[Frame] = (pending,) if type(pending) is Frame else pending  # type: ignore[assignment]
+        if self._sender is None:
+            # Straight to the transport, all in one write, where the wire allows it.
+            try:
+                written = self.wire.write_frames(frames)
+            except Exception as exc:  # the client went away
+                self._failed(exc)
+                return
+            if written == len(frames):
+                return
+            frames = frames[written:]
+        for index, frame in enumerate(frames):
             if self._sender is not None:  # a send had to wait: the rest queues behind it
-                rest = pending[index:]
+                rest = list(frames[index:])
                 if self._counted + len(rest) > self.limit:
                     self._overflow()
                 else:
@@ -185,9 +199,9 @@ class Connection:
                 return
             if not self._live:
                 return
-            self._write(text)
+            self._write(frame)
 
-    def _enqueue_all(self, frames: list[str]) -> None:
+    def _enqueue_all(self, frames: list[Frame]) -> None:
         self._counted += len(frames)
         if self._queue is None:
             self._queue = deque(frames)
@@ -199,10 +213,10 @@ class Connection:
             self._queue = deque()
         self._queue.append(item)
 
-    def _write(self, text: str) -> None:
+    def _write(self, frame: Frame) -> None:
         """Write one frame now; only when nothing is queued or in flight."""
         try:
-            unfinished = self.wire.write(text)
+            unfinished = self.wire.write(frame.text)
         except Exception as exc:  # the client went away
             self._failed(exc)
             return
@@ -232,7 +246,7 @@ class Connection:
         self._started = True
         self._flush = _Flush.of_running_loop()
         queue = self._queue
-        while queue and self._sender is None and type(queue[0]) is str:
+        while queue and self._sender is None and type(queue[0]) is Frame:
             self._counted -= 1
             self._write(queue.popleft())
         if self._sender is None and not self.closing:
@@ -249,9 +263,9 @@ class Connection:
             queue = self._queue
             while queue:
                 item = queue.popleft()
-                if type(item) is str:
+                if type(item) is Frame:
                     self._counted -= 1
-                    await wire.send(item)
+                    await wire.send(item.text)
                 elif type(item) is Replay:
                     for frame in item.frames:
                         await wire.send(frame)

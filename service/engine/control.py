@@ -21,6 +21,7 @@ import msgspec
 from ..backends.presence.base import PresenceStore
 from ..observe import metrics
 from .connection import Connection
+from .frames import Frame
 from .sequencer import Spawn
 from .transport import CONTROL_CHANNEL, Transport
 
@@ -102,8 +103,9 @@ class Control:
 
     def _deliver(self, delivery: UserDelivery) -> None:
         reached = 0
+        frame = None if delivery.frame is None else Frame(delivery.frame)
         for conn in list(self.users.get(delivery.user, ())):
-            pushed = delivery.frame is None or conn.push(delivery.frame)
+            pushed = frame is None or conn.push(frame)
             if delivery.close is not None:
                 conn.close_after_queued(delivery.close)
             if pushed or delivery.close is not None:

@@ -192,7 +192,7 @@ class Hub:
         if name in conn.rooms:
             page = await self.store.last(name, 0)
             online, users = await self.presence.snapshot(name, settings.presence_list_max)
-            conn.push(encode(Joined(name, page.epoch, page.top, False, online, users, ref)))
+            conn.send(encode(Joined(name, page.epoch, page.top, False, online, users, ref)))
             return
         self.check_room_limit(conn)
         try:
@@ -245,7 +245,7 @@ class Hub:
         if name in conn.rooms:
             self._unregister(conn, name)
             await self._forget_presence(name, conn.user)
-        conn.push(encode(Left(name, ref)))
+        conn.send(encode(Left(name, ref)))
 
     def _unregister(self, conn: Connection, name: str) -> None:
         conn.rooms.discard(name)

@@ -24,6 +24,7 @@ from ..protocol.codec import frame_decoder, system_decoder
 from ..protocol.codes import Close
 from ..protocol.envelopes import Since
 from .connection import Connection
+from .frames import Frame
 from .transport import room_channel
 
 log = logging.getLogger("roomcast.hub")
@@ -66,7 +67,7 @@ class Room:
         # Every live member has been given every stored frame up to `newest`.
         self.newest = 0
         self.epoch: str | None = None
-        self.recent: deque[tuple[int, str]] = deque(maxlen=RECENT_FRAMES)
+        self.recent: deque[tuple[int, Frame]] = deque(maxlen=RECENT_FRAMES)
         self.held: dict[int, str] = {}  # frames that arrived ahead of a gap
         self.filling = False  # a gap fill is under way
 
@@ -97,10 +98,11 @@ class Sequencer:
         offset = view.offset
         if offset is None:
             skip = system_decoder.decode(text).user.id if view.type == "system" else None
+            frame = Frame(text)
             pushed = 0
             for conn in room.members:
                 if conn.user.id != skip:
-                    conn.push(text)
+                    conn.push(frame)
                     pushed += 1
             metrics.DELIVERIES.inc(pushed)
             return
@@ -118,14 +120,15 @@ class Sequencer:
         self._deliver(room, offset, text)
         held = room.held
         while held:
-            frame = held.pop(room.newest + 1, None)
-            if frame is None:
+            later = held.pop(room.newest + 1, None)
+            if later is None:
                 break
-            self._deliver(room, room.newest + 1, frame)
+            self._deliver(room, room.newest + 1, later)
 
     def _deliver(self, room: Room, offset: int, text: str) -> None:
+        frame = Frame(text)  # framed once, for every member
         room.newest = offset
-        room.recent.append((offset, text))
+        room.recent.append((offset, frame))
         joining = room.joining
         if joining:
             for conn, cursor in list(joining.items()):
@@ -134,7 +137,7 @@ class Sequencer:
                     room.live.add(conn)
         metrics.DELIVERIES.inc(len(room.live))
         for conn in room.live:
-            conn.push(text)
+            conn.push(frame)
 
     async def _fill_gap(self, room: Room) -> None:
         try:
@@ -214,7 +217,7 @@ class Sequencer:
         """
         cursor = page.top
         conn.push_replay(page.entries)
-        conn.push(joined)
+        conn.send(joined)
         for offset, frame in room.recent:
             if offset > cursor:
                 conn.push(frame)

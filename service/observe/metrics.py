@@ -114,6 +114,14 @@ API_REQUESTS = _counter(
 BROKER_RECONNECTS = _counter(
     "roomcast_broker_reconnects", "Reconnections to the broadcast backend after losing it."
 )
+WRITES = _counter(
+    "roomcast_writes",
+    "Writes to clients, by path: fast (prepared frames, one write per connection per turn, "
+    "straight to the server's transport) or asgi (one ASGI send per frame).",
+    ("path",),
+)
+WRITES_FAST: Final = WRITES.labels("fast")
+WRITES_ASGI: Final = WRITES.labels("asgi")
 
 # Children bound once: a frame or an error costs one dict lookup and one inc.
 # Every label value exists from the start, at zero.

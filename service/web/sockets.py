@@ -64,6 +64,7 @@ class SocketContext:
     settings: Settings
     codec: Codec
     handlers: dict[type[ClientEnvelope], Handler] = field(default_factory=dict)
+    fast_writes: bool = False  # prepared frames straight to the server's transport
     hooks: Hooks[RoomSocket] = field(default_factory=lambda: Hooks(5.0))
 
 
@@ -114,7 +115,7 @@ class RoomSocket(UpgradeRequest, WebSocketEndpoint):
 
     def reply(self, envelope: Envelope) -> None:
         """Queue an envelope for this connection (for custom handlers)."""
-        self.connection.push(encode(envelope))
+        self.connection.send(encode(envelope))
 
     # --- connect ---------------------------------------------------------
 
@@ -126,15 +127,8 @@ class RoomSocket(UpgradeRequest, WebSocketEndpoint):
         query = websocket.query_params
         hooks = self.context.hooks
         try:
-            # Sockets in their connect hooks count towards MAX_CONNECTIONS too.
-            admission = admit(
-                settings,
-                len(hub.connections) + hooks.admitting,
-                websocket.headers,
-                query,
-                offered,
-                self.room,
-            )
+            count = len(hub.connections) + hooks.admitting  # those in connect hooks count too
+            admission = admit(settings, count, websocket.headers, query, offered, self.room)
             self._identity = admission.user
             if hooks.at_connect(self.room):
                 await hooks.admit(self, self.room)
@@ -151,7 +145,7 @@ class RoomSocket(UpgradeRequest, WebSocketEndpoint):
         conn = Connection(
             secrets.token_hex(8),
             user,
-            wire_for(websocket.scope, self.send),
+            wire_for(websocket.scope, self.send, self.context.fast_writes),
             limit=settings.outbox_size,
             rate=settings.rate_limit,
             on_overflow=hub.on_overflow,
@@ -160,7 +154,7 @@ class RoomSocket(UpgradeRequest, WebSocketEndpoint):
         self.conn = conn
         hub.attach(conn)
         await websocket.accept(subprotocol=subprotocol)
-        conn.push(encode(Welcome(conn=conn.id, user=user, heartbeat=settings.heartbeat_seconds)))
+        conn.send(encode(Welcome(conn=conn.id, user=user, heartbeat=settings.heartbeat_seconds)))
         conn.start()
         self._schedule_expiry()
         if self.room is not None:
@@ -281,7 +275,7 @@ class RoomSocket(UpgradeRequest, WebSocketEndpoint):
     ) -> None:
         if self.conn is not None:
             metrics.error_sent(code)
-            self.conn.push(encode(Error(code=code, detail=detail, ref=ref, room=room)))
+            self.conn.send(encode(Error(code=code, detail=detail, ref=ref, room=room)))
 
     # --- handlers of the protocol's requests -----------------------------
 
@@ -334,7 +328,7 @@ class RoomSocket(UpgradeRequest, WebSocketEndpoint):
         if self.context.hooks.chat:
             text = await self.context.hooks.moderate(self, room, text, max_chars)
         appended = await self.hub.chat(conn.user, room, text, message.ref)
-        conn.push(encode(Ack(ref=message.ref, room=room, offset=appended.offset)))
+        conn.send(encode(Ack(ref=message.ref, room=room, offset=appended.offset)))
 
     async def on_presence(self, message: GetPresence) -> None:
         self._joined(message.room)

@@ -84,7 +84,7 @@ async def test_frames_of_one_turn_leave_at_the_next_in_order_without_a_task() ->
     send, dropped = FakeSend(), Dropped()
     conn = connection(send, dropped)
     for n in range(10):  # more than the outbox holds: written at once, not queued
-        assert conn.push(f"f{n}")
+        assert conn.send(f"f{n}")
     assert send.texts == []  # nothing written within the turn that pushed
     await next_turns()
     assert send.texts == [f"f{n}" for n in range(10)]
@@ -96,14 +96,14 @@ async def test_a_waiting_send_queues_what_follows_up_to_the_limit_then_overflows
     send, dropped = FakeSend(), Dropped()
     conn = connection(send, dropped, limit=4)
     send.pause()
-    conn.push("first")
+    conn.send("first")
     await next_turns()
     assert send.waiting == 1 and conn.sending  # the sender task finishes it
     for n in range(4):
-        assert conn.push(f"q{n}")
-    assert not conn.push("one too many")
+        assert conn.send(f"q{n}")
+    assert not conn.send("one too many")
     assert dropped.overflows == [conn] and conn.closing
-    assert not conn.push("after the overflow")
+    assert not conn.send("after the overflow")
     assert dropped.overflows == [conn]  # reported once
 
 
@@ -111,15 +111,15 @@ async def test_a_client_that_reads_again_gets_everything_in_order() -> None:
     send, dropped = FakeSend(), Dropped()
     conn = connection(send, dropped, limit=8)
     send.pause()
-    conn.push("a")
+    conn.send("a")
     await next_turns()
     for text in ("b", "c"):
-        conn.push(text)
+        conn.send(text)
     send.resume.set()
     await until(lambda: len(send.texts) == 3)
     assert send.texts == ["a", "b", "c"]
     await until(lambda: conn._sender is None)
-    conn.push("d")  # inline again once drained
+    conn.send("d")  # inline again once drained
     await next_turns()
     assert send.texts[-1] == "d" and conn._sender is None
 
@@ -128,7 +128,7 @@ async def test_a_replay_does_not_count_towards_the_outbox() -> None:
     send, dropped = FakeSend(), Dropped()
     conn = connection(send, dropped, limit=2)
     conn.push_replay([f"r{n}" for n in range(50)])
-    conn.push("joined")
+    conn.send("joined")
     await until(lambda: len(send.texts) == 51)
     assert send.texts == [*(f"r{n}" for n in range(50)), "joined"]
     assert not dropped.overflows
@@ -137,9 +137,9 @@ async def test_a_replay_does_not_count_towards_the_outbox() -> None:
 async def test_close_after_queued_sends_what_is_queued_then_closes() -> None:
     send, dropped = FakeSend(), Dropped()
     conn = connection(send, dropped)
-    conn.push("error: why")
+    conn.send("error: why")
     conn.close_after_queued(4401)
-    assert not conn.push("too late")
+    assert not conn.send("too late")
     await until(lambda: send.closes == [4401])
     assert send.texts == ["error: why"]
 
@@ -166,10 +166,10 @@ async def test_a_send_that_fails_ends_the_connection_quietly() -> None:
     send, dropped = FakeSend(), Dropped()
     conn = connection(send, dropped)
     send.fail = True
-    conn.push("lost")
+    conn.send("lost")
     await next_turns()
     assert conn.closing and not conn.sending
-    assert not conn.push("more")
+    assert not conn.send("more")
 
 
 @pytest.mark.parametrize("limit", [1, 3])
@@ -178,7 +178,7 @@ async def test_frames_queued_before_start_are_written_at_start(limit: int) -> No
     conn = Connection(
         "c2", User("u", "U"), Wire(send), limit=limit, rate=1, on_overflow=dropped.overflow
     )
-    conn.push("welcome")
+    conn.send("welcome")
     assert send.texts == []
     conn.start()
     await next_turns()

@@ -38,9 +38,9 @@ class Protocol:
                 await send(message)
 
             scope = {"roomcast.server_send": wrapped}
-            self.wire = wire_for(scope, wrapped)
+            self.wire = wire_for(scope, wrapped, fast=True)
         else:
-            self.wire = wire_for({"roomcast.server_send": send}, send)
+            self.wire = wire_for({"roomcast.server_send": send}, send, fast=True)
 
 
 def test_uvicorn_still_has_what_the_wire_relies_on() -> None:
