@@ -90,6 +90,7 @@ class Settings:
                 f"HISTORY_SIZE={self.history_size}, so that a slow consumer closed with 4408 "
                 "can recover what it missed."
             )
+        _check_hooks(self)
 
     @property
     def shares_rooms_across_processes(self) -> bool:
@@ -237,6 +238,37 @@ def _check_forwarded(value: str) -> None:
 
 def _describe(annotation: object) -> str:
     return "an integer" if annotation == "int" else "a string"
+
+
+MIN_HOOK_SECRET_CHARS = 16
+
+
+def _check_hooks(settings: Settings) -> None:
+    """Each hook URL is http(s) with a host, and HOOK_SECRET signs their requests."""
+    for var in ("CONNECT_HOOK_URL", "JOIN_HOOK_URL", "CHAT_HOOK_URL"):
+        url = getattr(settings, var.lower())
+        if not url:
+            continue
+        try:
+            parts = urlparse(url)
+            parts.port  # noqa: B018 - raises ValueError when the port is not a number
+        except ValueError as exc:
+            raise SettingsError(f"{var}={safe_url(url)!r} is invalid: {exc}.") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise SettingsError(
+                f"{var}={safe_url(url)!r} is invalid: give an http:// or https:// URL with a "
+                "host, e.g. https://app.example.com/roomcast/join."
+            )
+        if settings.hook_secret is None:
+            raise SettingsError(
+                f"HOOK_SECRET is required when {var} is set: every hook request is signed "
+                "with it (HMAC-SHA256)."
+            )
+    secret = settings.hook_secret
+    if secret is not None and len(str(secret)) < MIN_HOOK_SECRET_CHARS:
+        raise SettingsError(
+            f"HOOK_SECRET is too short: use at least {MIN_HOOK_SECRET_CHARS} random characters."
+        )
 
 
 def _check_url(var: str, url: str, schemes: tuple[str, ...]) -> None:

@@ -204,12 +204,7 @@ class Hub:
             online, users = await self.presence.snapshot(name, settings.presence_list_max)
             conn.send(encode(Joined(name, page.epoch, page.top, False, online, users, ref)))
             return
-        if len(conn.rooms) >= settings.max_rooms:
-            raise ProtocolError(
-                "too_many_rooms",
-                f"This connection is already in {settings.max_rooms} rooms (MAX_ROOMS): "
-                "leave one first.",
-            )
+        self.check_room_limit(conn)
         try:
             room = await self._acquire(name)
         except Exception as exc:
@@ -246,6 +241,15 @@ class Hub:
             self._release(room)
         if first and online <= settings.presence_events_max:
             await self._publish_system(name, "join", conn.user, online)
+
+    def check_room_limit(self, conn: Connection) -> None:
+        """ProtocolError `too_many_rooms` when `conn` may join no other room (MAX_ROOMS)."""
+        if len(conn.rooms) >= self.settings.max_rooms:
+            raise ProtocolError(
+                "too_many_rooms",
+                f"This connection is already in {self.settings.max_rooms} rooms (MAX_ROOMS): "
+                "leave one first.",
+            )
 
     async def leave(self, conn: Connection, name: str, ref: str | None = None) -> None:
         if name in conn.rooms:

@@ -32,6 +32,7 @@ from ..protocol.codec import TOO_DEEP
 from ..protocol.envelopes import Level, Ref, User, is_room_name
 from ..settings import Settings
 from .auth import MAX_SUBJECT_CHARS, sanitize_name
+from .hooks import Hooks
 
 log = logging.getLogger("roomcast.api")
 
@@ -175,9 +176,14 @@ def _int_query(request: Request, name: str, default: int, low: int) -> int:
     return value
 
 
+# A refusal by the application's chat hook: its HTTP status by error code (else 422).
+_HOOK_STATUS: Final = {"forbidden": 403, "unauthorized": 403, "internal": 503}
+
+
 class Api:
-    def __init__(self, hub: Hub, settings: Settings) -> None:
+    def __init__(self, hub: Hub, settings: Settings, hooks: Hooks[Any] | None = None) -> None:
         self.hub, self.settings = hub, settings
+        self.hooks: Hooks[Any] = hooks or Hooks(settings.hook_timeout)
 
     def app(self) -> ASGIApp:
         routes = [
@@ -204,7 +210,7 @@ class Api:
             except ApiError as exc:
                 return _error(exc.status, exc.code, exc.detail)
             except ProtocolError as exc:
-                return _error(422, exc.code, exc.detail)
+                return _error(_HOOK_STATUS.get(exc.code, 422), exc.code, exc.detail)
             except Exception:
                 # The broker or a store failed (their drivers raise their own types).
                 log.exception("API %s %s failed", request.method, request.url.path)
@@ -252,7 +258,10 @@ class Api:
                 raise ApiError(422, "invalid_body", "`text` is blank.")
             name = sanitize_name(message.user.name, self.settings.max_name_chars)
             user = User(message.user.id, name or message.user.id[: self.settings.max_name_chars])
-            appended = await self.hub.chat(user, room, message.text, message.ref)
+            text = message.text
+            if self.hooks.chat:  # the application's moderation, without a socket
+                text = await self.hooks.moderate(None, room, text, self.settings.max_text_chars)
+            appended = await self.hub.chat(user, room, text, message.ref)
         else:
             self._check_text("title", message.title)
             self._check_text("body", message.body)

@@ -8,11 +8,12 @@ patterns where `*` matches any run of characters) limits what it may join.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 import time
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -267,3 +268,15 @@ def _normal_origin(origin: str) -> str | None:
     if port is not None and port != _DEFAULT_PORTS.get(parts.scheme):
         host += f":{port}"
     return f"{parts.scheme}://{host}"
+
+
+def timer_at(
+    old: asyncio.TimerHandle | None, at: int | None, callback: Callable[[], None]
+) -> asyncio.TimerHandle | None:
+    """Cancel `old`, and call `callback` at the Unix time `at` (a token's `exp`), if any."""
+    if old is not None:
+        old.cancel()
+    if at is None:
+        return None
+    loop = asyncio.get_running_loop()
+    return loop.call_at(loop.time() + (at - time.time()), callback)

@@ -15,7 +15,7 @@ from typing import Final
 
 from ..engine.limits import ConnectRate
 from ..errors import Refuse
-from ..protocol.codes import Close
+from ..protocol.codes import Close, ErrorCode
 from ..protocol.envelopes import SUBPROTOCOL, Since, User, is_room_name
 from ..settings import Settings
 from .auth import Unauthorized, anonymous_user, origin_allowed, token_from, verify_token
@@ -121,3 +121,17 @@ def join_query(since_raw: str | None, history_raw: str | None) -> tuple[Since | 
         if history < 0:
             raise ValueError(history_raw)
     return since, history
+
+
+_REASONS = {
+    ErrorCode.TOO_MANY_CONNECTIONS: "max_connections",
+    ErrorCode.ORIGIN_NOT_ALLOWED: "origin",
+    ErrorCode.UNAUTHORIZED: "unauthorized",
+    ErrorCode.FORBIDDEN: "forbidden",
+    ErrorCode.INVALID_ROOM: "invalid_room",
+}
+
+
+def refusal_reason(refusal: Refuse) -> str:
+    """The `reason` label of a refused connection (metrics.REFUSALS)."""
+    return "connect_rate" if isinstance(refusal, TooFast) else _REASONS.get(refusal.error, "other")

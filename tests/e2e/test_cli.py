@@ -156,6 +156,9 @@ def free_port() -> int:
         ({"API_KEY": "short"}, "API_KEY", "at least 16"),
         ({"ALLOWED_ORIGINS": "allowed.example"}, "ALLOWED_ORIGINS", "scheme://host[:port]"),
         ({"FORWARDED_ALLOW_IPS": "a.proxy"}, "FORWARDED_ALLOW_IPS", "IP address or network"),
+        ({"JOIN_HOOK_URL": "ftp://x/join", "HOOK_SECRET": "s" * 16}, "JOIN_HOOK_URL", "http://"),
+        ({"CONNECT_HOOK_URL": "http://127.0.0.1/c"}, "HOOK_SECRET", "CONNECT_HOOK_URL is set"),
+        ({"HOOK_SECRET": "short"}, "HOOK_SECRET", "at least 16"),
     ],
     ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else None,
 )
