@@ -5,7 +5,8 @@ member joins and dropped when the last one leaves. A stored envelope is
 encoded once (by the history store, once its offset is known), published
 once, and the same text is pushed into the bounded outbox of every local
 member (`sequencer`); nothing in the fan-out awaits a client. Requests that
-reach a user on every worker go through `control`.
+reach a user on every worker go through `control`, the admin's figures of
+every worker through `cluster`.
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ from ..protocol.envelopes import (
     now,
 )
 from ..settings import Settings
+from .cluster import Cluster
 from .connection import Connection
 from .control import Control, UserDelivery
+from .rates import Activity
 from .sequencer import Room, Sequencer
 from .transport import CONTROL_CHANNEL, ROOM_PREFIX, Transport, room_channel
 
@@ -77,9 +80,15 @@ class Hub:
         self.connections: set[Connection] = set()
         self.users: dict[str, set[Connection]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.sequencer = Sequencer(store, self.rooms, self.spawn)
+        self.activity = activity = Activity()
+        self.sequencer = Sequencer(store, self.rooms, self.spawn, activity.deliveries)
         self.transport = Transport(broker, self._on_message, self.sequencer.catch_up)
-        self.control = Control(self.transport, presence, self.users, self.spawn)
+        self.control = Control(
+            self.transport, presence, self.users, self.spawn, activity.deliveries
+        )
+        self.cluster = Cluster(
+            self.control, self.transport, store, presence, activity, self.rooms, self.users
+        )
 
     # --- lifecycle -------------------------------------------------------
 
@@ -123,11 +132,13 @@ class Hub:
     def attach(self, conn: Connection) -> None:
         self.connections.add(conn)
         metrics.CONNECTIONS.inc()
+        self.activity.connections.set(len(self.connections))
         self.users.setdefault(conn.user.id, set()).add(conn)
 
     def on_overflow(self, conn: Connection) -> None:
         log.info("slow consumer %s closed with 4408", conn.id)
         metrics.SLOW_CONSUMERS.inc()
+        self.activity.slow_consumers += 1
         self.spawn(conn.drop(Close.SLOW_CONSUMER))
 
     async def detach(self, conn: Connection) -> None:
@@ -140,6 +151,7 @@ class Hub:
         if conn in self.connections:
             metrics.CONNECTIONS.dec()
         self.connections.discard(conn)
+        self.activity.connections.set(len(self.connections))
         mine = self.users.get(conn.user.id)
         if mine is not None:
             mine.discard(conn)
@@ -357,7 +369,7 @@ class Hub:
                 ts=now(),
             )
         )
-        return await self.control.ask(UserDelivery(user_id, frame=frame))
+        return await self.control.count(UserDelivery(user_id, frame=frame))
 
     async def disconnect_user(self, user_id: str, code: int = Close.UNAUTHORIZED) -> int:
         """Close every connection of one user, on every worker; how many there were.
@@ -367,7 +379,7 @@ class Hub:
             if code == Close.UNAUTHORIZED
             else None
         )
-        return await self.control.ask(UserDelivery(user_id, frame=frame, close=code))
+        return await self.control.count(UserDelivery(user_id, frame=frame, close=code))
 
     # --- the listener ----------------------------------------------------
 

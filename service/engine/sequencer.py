@@ -24,6 +24,7 @@ from ..protocol.codec import frame_decoder, system_decoder
 from ..protocol.codes import Close
 from ..protocol.envelopes import Since
 from .connection import Connection
+from .rates import Counts
 from .transport import room_channel
 
 log = logging.getLogger("roomcast.hub")
@@ -80,10 +81,13 @@ class Room:
 
 
 class Sequencer:
-    def __init__(self, store: HistoryStore, rooms: dict[str, Room], spawn: Spawn) -> None:
+    def __init__(
+        self, store: HistoryStore, rooms: dict[str, Room], spawn: Spawn, deliveries: Counts
+    ) -> None:
         self.store = store
         self.rooms = rooms
         self.spawn = spawn
+        self.deliveries = deliveries
 
     # --- fan-out (synchronous: called by the transport's listener) -------
 
@@ -103,6 +107,7 @@ class Sequencer:
                     conn.push(text)
                     pushed += 1
             metrics.DELIVERIES.inc(pushed)
+            self.deliveries.add(pushed)
             return
         if view.epoch != room.epoch:
             self.new_epoch(room, view.epoch, offset - 1)
@@ -133,6 +138,7 @@ class Sequencer:
                     del joining[conn]
                     room.live.add(conn)
         metrics.DELIVERIES.inc(len(room.live))
+        self.deliveries.add(len(room.live))
         for conn in room.live:
             conn.push(text)
 

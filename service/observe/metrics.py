@@ -107,8 +107,8 @@ FANOUT_SECONDS = _histogram(
 )
 API_REQUESTS = _counter(
     "roomcast_api_requests",
-    "HTTP API requests, by route (publish, notify, disconnect, history, presence, other) "
-    "and status.",
+    "HTTP API requests, by route (publish, notify, disconnect, history, presence, stats, "
+    "rooms, other) and status.",
     ("route", "status"),
 )
 BROKER_RECONNECTS = _counter(
@@ -124,7 +124,7 @@ IN_OTHER: Final = MESSAGES_IN.labels("other")
 _ERROR_BY_CODE: dict[str, Counter] = {code: ERRORS.labels(code.value) for code in ErrorCode}
 
 
-API_ROUTES: Final = ("publish", "notify", "disconnect", "history", "presence")
+API_ROUTES: Final = ("publish", "notify", "disconnect", "history", "presence", "stats", "rooms")
 API_STATUSES: Final = (200, 400, 401, 404, 405, 413, 422, 503)
 _API = {
     (route, status): API_REQUESTS.labels(route, status)

@@ -192,6 +192,7 @@ class RoomSocket(WebSocketEndpoint):
             if verdict == Verdict.CLOSE:
                 conn.close_after_queued(Close.TOO_MANY)
             return
+        self.context.hub.activity.messages_in.add()  # as roomcast_messages_in_total counts
         if type(data) is not str:
             metrics.IN_OTHER.inc()
             return self._bad(

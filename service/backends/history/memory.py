@@ -42,6 +42,9 @@ class MemoryStore:
     async def disconnect(self) -> None:
         pass
 
+    async def ping(self) -> None:
+        pass
+
     def _room(self, name: str) -> _Room:
         room = self._rooms.get(name)
         if room is None:
