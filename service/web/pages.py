@@ -16,6 +16,7 @@ from ..observe import metrics
 from ..protocol import asyncapi
 from ..protocol.envelopes import PROTOCOL_VERSION, SUBPROTOCOL
 from ..settings import Settings
+from .admin import admin_route
 from .assets import Assets
 
 
@@ -90,6 +91,7 @@ def page_routes(
 
     return [
         Route("/", index, methods=["GET"]),
+        admin_route(templates, assets, settings),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/schema.json", schema_json, methods=["GET"]),
