@@ -4,6 +4,12 @@ Every worker that shares the broker answers a `Query` on the control channel
 with its own figures (its connections, the names of its rooms and users, its
 per-second activity), and the asking worker merges them: counts are summed,
 rooms and users counted once however many workers hold them, rates summed.
+
+For the room list each worker says how many distinct users it has in each
+room. A room whose users are all on one worker has that many online; only a
+room with users on several workers (one user may be on two) is looked up in
+the presence store, so a list costs few store reads however many rooms
+there are.
 While the broker is away no other worker can answer: the figures are this
 worker's, and `broker` says `reconnecting`.
 """
@@ -12,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from typing import Final, Literal, TypeVar
 
 import msgspec
@@ -22,6 +28,7 @@ from ..backends.history.base import HistoryStore
 from ..backends.presence.base import PresenceStore
 from .control import Control, Query
 from .rates import RATE_SECONDS, SERIES_SECONDS, Activity
+from .sequencer import Room
 from .transport import Transport
 
 log = logging.getLogger("roomcast.hub")
@@ -56,7 +63,7 @@ class WorkerStats(Struct):
 
 
 class WorkerRooms(Struct):
-    rooms: list[str]
+    rooms: dict[str, int]  # room -> this worker's distinct users in it
 
 
 class Series(Struct):
@@ -100,7 +107,7 @@ class Cluster:
         store: HistoryStore,
         presence: PresenceStore,
         activity: Activity,
-        rooms: Collection[str],
+        rooms: Mapping[str, Room],
         users: Collection[str],
     ) -> None:
         self.control = control
@@ -136,7 +143,16 @@ class Cluster:
 
     def _answer_rooms(self, params: msgspec.Raw) -> bytes:
         query = msgspec.json.decode(params, type=RoomsQuery | None) or RoomsQuery()
-        return _encoder.encode(WorkerRooms(_matching(self.rooms, query.prefix)))
+        return _encoder.encode(self.local_rooms(query.prefix))
+
+    def local_rooms(self, prefix: str) -> WorkerRooms:
+        return WorkerRooms(
+            {
+                name: len({conn.user.id for conn in room.members})
+                for name, room in self.rooms.items()
+                if name.startswith(prefix)
+            }
+        )
 
     # --- what the asking worker merges -------------------------------------
 
@@ -178,6 +194,9 @@ class Cluster:
             merged.series = _series(answers)
         return merged
 
+    async def _online(self, room: str) -> int:
+        return (await self.presence.snapshot(room, 0))[0]
+
     async def _history_state(self) -> Literal["connected", "unavailable"]:
         try:
             async with asyncio.timeout(PROBE_TIMEOUT):
@@ -189,26 +208,23 @@ class Cluster:
     async def room_list(self, prefix: str, limit: int) -> list[RoomInfo]:
         """The rooms with members on any worker, most users online first."""
         answers = await self._ask("rooms", RoomsQuery(prefix), _rooms_decoder)
-        names = (
-            {room for a in answers for room in a.rooms}
-            if answers
-            else set(_matching(self.rooms, prefix))
-        )
+        if not answers:
+            answers = [self.local_rooms(prefix)]
+        counts: dict[str, list[int]] = {}
+        for answer in answers:
+            for room, users in answer.rooms.items():
+                counts.setdefault(room, []).append(users)
 
-        async def online(room: str) -> int:
-            return (await self.presence.snapshot(room, 0))[0]
-
-        counts = await _each(online, names)
-        ranked = sorted(zip(names, counts, strict=True), key=lambda rc: (-rc[1], rc[0]))[:limit]
+        # Every user on one worker: its count. Else the presence store knows who is on both.
+        online = {room: max(found) for room, found in counts.items() if max(found) == sum(found)}
+        shared = [room for room in counts if room not in online]
+        online.update(zip(shared, await _each(self._online, shared), strict=True))
+        ranked = sorted(online.items(), key=lambda rc: (-rc[1], rc[0]))[:limit]
         pages = await _each(lambda room: self.store.last(room, 0), [room for room, _ in ranked])
         return [
             RoomInfo(room, count, page.epoch, page.top)
             for (room, count), page in zip(ranked, pages, strict=True)
         ]
-
-
-def _matching(rooms: Iterable[str], prefix: str) -> list[str]:
-    return [room for room in rooms if room.startswith(prefix)]
 
 
 async def _each(fn: Callable[[T], Awaitable[R]], items: Iterable[T]) -> list[R]:

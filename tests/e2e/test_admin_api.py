@@ -267,7 +267,7 @@ async def test_a_broker_outage_is_shown_as_reconnecting() -> None:
             # Still an answer: this worker's own figures, and the state in words.
             down = await settle(server, lambda s: s["broker"] == "reconnecting")
             assert (down["history"], down["connections"], down["workers"]) == ("unavailable", 1, 1)
-            # Who is online is in Redis too: the room list cannot be read.
+            # The rooms' offsets are in Redis too: the room list cannot be read.
             status, answer = http(server, "GET", "/api/rooms", None, AUTH)
             assert (status, answer["error"]) == (503, "unavailable"), answer
             redis = start_redis(restart=redis)
