@@ -242,6 +242,8 @@ async def test_two_workers_of_one_server_answer_as_one(redis_url: str) -> None:
     }
     server = start_server(env)
     try:
+        # start_server returns once one worker serves; the other may still be starting.
+        await settle(server, lambda s: s["workers"] == 2)
         # Connections land on either worker; the figures are the cluster's all the same.
         async with known_traffic(server, server) as traffic:
             await check_known_traffic((server,), traffic, workers=2)

@@ -128,6 +128,11 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Server]:
         "CONNECT_RATE": "1000",
     }
     srv = start_server(env)
+    # start_server returns once one worker serves; wait for the other (bounded).
+    deadline = time.monotonic() + 30
+    while api_stats(srv)["workers"] != 2:
+        assert time.monotonic() < deadline, "the second worker never answered"
+        time.sleep(0.1)  # polling interval, bounded by the deadline
     yield srv
     srv.terminate()
 
