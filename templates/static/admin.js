@@ -68,7 +68,7 @@ function describe(error) {
         ? "The HTTP API is off on this server: set API_KEY (16 characters or more) and restart it."
         : error.message;
     case 503:
-      return `The broker or a store did not answer (${error.message}) Retrying every 2 s.`;
+      return "The broker or a store did not answer: retrying every 2 s.";
     default:
       return `${error.message} (HTTP ${error.status})`;
   }

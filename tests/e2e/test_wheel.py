@@ -117,6 +117,8 @@ def test_wheel_ships_the_templates_and_only_the_package(wheel: Path) -> None:
         entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
         scripts = archive.read(entry_points).decode()
     assert "roomcast/templates/index.html" in names, names
+    for admin in ("admin.html", "static/admin.js", "static/admin.css"):
+        assert f"roomcast/templates/{admin}" in names, names
     assert "roomcast/py.typed" in names, names
     assert "roomcast/__main__.py" in names, names
     assert "roomcast/backends/history/redis_append.lua" in names, names
