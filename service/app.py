@@ -145,23 +145,27 @@ class Roomcast:
     ) -> Appended:
         """Store a notification in `room` (the room's next offset) and deliver it to every
         member, on every worker. A repeated `ref` returns the first and publishes nothing."""
-        return await self.hub.publish(room, title=title, body=body, level=level, data=data, ref=ref)
+        return await self.hub.publisher.publish(
+            room, title=title, body=body, level=level, data=data, ref=ref
+        )
 
     async def broadcast(self, room: str, envelope: Envelope) -> None:
         """Deliver an ephemeral envelope (not stored, no offset) to the room's members."""
-        await self.hub.broadcast(room, envelope)
+        await self.hub.publisher.broadcast(room, envelope)
 
     async def notify_user(
         self, user_id: str, *, title: str, body: str, level: Level = "info", data: Any = None
     ) -> int:
         """Send a notification to each connection of one user, on every worker; returns how
         many connections it reached."""
-        return await self.hub.notify_user(user_id, title=title, body=body, level=level, data=data)
+        return await self.hub.publisher.notify_user(
+            user_id, title=title, body=body, level=level, data=data
+        )
 
     async def disconnect_user(self, user_id: str, code: int = Close.UNAUTHORIZED) -> int:
         """Close every connection of one user (with 4401 unless told otherwise), on every
         worker; returns how many there were."""
-        return await self.hub.disconnect_user(user_id, code)
+        return await self.hub.publisher.disconnect_user(user_id, code)
 
     # --- serving ---------------------------------------------------------
 

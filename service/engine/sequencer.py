@@ -25,6 +25,7 @@ from ..protocol.codes import Close
 from ..protocol.envelopes import Since
 from .connection import Connection
 from .frames import Frame
+from .rates import Counts
 from .transport import room_channel
 
 log = logging.getLogger("roomcast.hub")
@@ -89,10 +90,13 @@ class Room:
 
 
 class Sequencer:
-    def __init__(self, store: HistoryStore, rooms: dict[str, Room], spawn: Spawn) -> None:
+    def __init__(
+        self, store: HistoryStore, rooms: dict[str, Room], spawn: Spawn, deliveries: Counts
+    ) -> None:
         self.store = store
         self.rooms = rooms
         self.spawn = spawn
+        self.deliveries = deliveries
 
     # --- fan-out (synchronous: called by the transport's listener) -------
 
@@ -113,6 +117,7 @@ class Sequencer:
                     conn.push(frame)
                     pushed += 1
             metrics.DELIVERIES.inc(pushed)
+            self.deliveries.add(pushed)
             return
         if view.epoch != room.epoch:
             self.new_epoch(room, view.epoch, offset - 1)
@@ -145,6 +150,7 @@ class Sequencer:
                     del joining[conn]
                     room.live.add(conn)
         metrics.DELIVERIES.inc(len(room.live))
+        self.deliveries.add(len(room.live))
         for conn in room.live:
             conn.push(frame)
 

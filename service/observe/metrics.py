@@ -119,8 +119,8 @@ FANOUT_SECONDS = _histogram(
 )
 API_REQUESTS = _counter(
     "roomcast_api_requests",
-    "HTTP API requests, by route (publish, notify, disconnect, history, presence, other) "
-    "and status.",
+    "HTTP API requests, by route (publish, notify, disconnect, history, presence, stats, "
+    "rooms, other) and status.",
     ("route", "status"),
 )
 REFUSED = _counter(
@@ -172,7 +172,7 @@ def refused(reason: str) -> None:
     _REFUSED.get(reason, _REFUSED["other"]).inc()
 
 
-API_ROUTES: Final = ("publish", "notify", "disconnect", "history", "presence")
+API_ROUTES: Final = ("publish", "notify", "disconnect", "history", "presence", "stats", "rooms")
 API_STATUSES: Final = (200, 400, 401, 404, 405, 413, 422, 503)
 _API = {
     (route, status): API_REQUESTS.labels(route, status)

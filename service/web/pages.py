@@ -15,6 +15,7 @@ from ..engine.hub import Hub
 from ..observe import metrics
 from ..protocol import asyncapi, typescript
 from ..settings import Settings
+from .admin import admin_route
 from .assets import Assets, page_headers
 
 
@@ -85,6 +86,7 @@ def page_routes(
 
     return [
         Route("/", index, methods=["GET"]),
+        admin_route(templates, assets, settings),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/schema.json", schema_json, methods=["GET"]),

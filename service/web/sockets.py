@@ -217,6 +217,7 @@ class RoomSocket(UpgradeRequest, WebSocketEndpoint):
             if verdict == Verdict.CLOSE:
                 conn.close_after_queued(Close.TOO_MANY)
             return
+        self.context.hub.activity.messages_in.add()  # as roomcast_messages_in_total counts
         if type(data) is not str:
             metrics.IN_OTHER.inc()
             return self._bad(
@@ -333,7 +334,7 @@ class RoomSocket(UpgradeRequest, WebSocketEndpoint):
         text = message.text
         if self.context.hooks.chat:
             text = await self.context.hooks.moderate(self, room, text, max_chars)
-        appended = await self.hub.chat(conn.user, room, text, message.ref)
+        appended = await self.hub.publisher.chat(conn.user, room, text, message.ref)
         conn.send(encode(Ack(ref=message.ref, room=room, offset=appended.offset)))
 
     async def on_presence(self, message: GetPresence) -> None:

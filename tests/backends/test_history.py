@@ -127,6 +127,16 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
 # --- the contract --------------------------------------------------------------
 
 
+async def test_ping_answers_while_connected_and_fails_after(backend: Backend) -> None:
+    store = await backend.open()
+    await within(store.ping())  # the admin's probe of the store
+    await within(store.disconnect())
+    backend.stores.remove(store)
+    if backend.name != "memory":  # nothing to lose in process
+        with pytest.raises(ConnectionError):
+            await within(store.ping())
+
+
 async def test_offsets_start_at_one_without_gaps(backend: Backend) -> None:
     store = await backend.open()
     first = [await within(store.append("a", chat("a"))) for _ in range(5)]

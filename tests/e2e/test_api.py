@@ -62,6 +62,8 @@ ROUTES = [
     ("POST", "/api/users/bob/disconnect"),
     ("GET", "/api/rooms/lobby/history"),
     ("GET", "/api/rooms/lobby/presence"),
+    ("GET", "/api/stats"),
+    ("GET", "/api/rooms"),
 ]
 
 
@@ -508,6 +510,8 @@ def test_api_requests_are_counted_by_route_and_status(api_server: Server) -> Non
     http(api_server, "POST", "/api/rooms/m/publish", {"type": "nope"}, AUTH)
     http(api_server, "GET", "/api/rooms/m/presence", None, {})
     http(api_server, "GET", "/api/elsewhere", None, AUTH)
+    http(api_server, "GET", "/api/stats", None, AUTH)
+    http(api_server, "GET", "/api/rooms?limit=0", None, AUTH)
     after = api_counts(api_server)
     changed = {key: after[key] - before[key] for key in after if after[key] != before[key]}
     assert changed == {
@@ -515,4 +519,6 @@ def test_api_requests_are_counted_by_route_and_status(api_server: Server) -> Non
         ("publish", "422"): 1,
         ("presence", "401"): 1,
         ("other", "404"): 1,
+        ("stats", "200"): 1,
+        ("rooms", "400"): 1,
     }

@@ -119,6 +119,8 @@ def test_wheel_ships_the_templates_and_only_the_package(wheel: Path) -> None:
     assert "roomcast/templates/index.html" in names, names
     for static in ("roomcast.js", "chat.js", "chat.css"):
         assert f"roomcast/templates/static/{static}" in names, names
+    for admin in ("admin.html", "static/admin.js", "static/admin.css"):
+        assert f"roomcast/templates/{admin}" in names, names
     assert "roomcast/py.typed" in names, names
     assert "roomcast/__main__.py" in names, names
     assert "roomcast/backends/history/redis_append.lua" in names, names

@@ -41,7 +41,7 @@ def build_app() -> tuple[Starlette, Roomcast]:
         assert socket.conn is not None
         if message.room not in socket.conn.rooms:
             raise ProtocolError("not_joined", f"Join room {message.room!r} first.")
-        await socket.hub.broadcast(
+        await socket.hub.publisher.broadcast(
             message.room, TypingNotice(room=message.room, user=socket.conn.user.name)
         )
 

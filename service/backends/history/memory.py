@@ -130,6 +130,9 @@ class MemoryStore:
         if held - self.held >= RETURN_TO_SYSTEM:
             return_freed_memory()
 
+    async def ping(self) -> None:
+        pass
+
     def _room(self, name: str) -> _Room:
         now = self.clock()
         room = self._rooms.get(name)
