@@ -162,7 +162,11 @@ class RoomSocket(UpgradeRequest, WebSocketEndpoint):
         # Counted before the accept awaits, so MAX_CONNECTIONS holds under a burst of connects.
         self.conn = conn
         hub.attach(conn)
-        await websocket.accept(subprotocol=subprotocol)
+        try:
+            await websocket.accept(subprotocol=subprotocol)
+        except BaseException:  # it left first: on_disconnect will not run for this socket
+            await hub.detach(conn)
+            raise
         conn.send(encode(Welcome(conn=conn.id, user=user, heartbeat=settings.heartbeat_seconds)))
         conn.start()
         self._schedule_expiry()
