@@ -8,10 +8,13 @@ turns into one `error` frame and the close.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
+
+from starlette.datastructures import Address
 
 from ..engine.limits import ConnectRate
 from ..errors import Refuse
@@ -53,6 +56,12 @@ class Attempt:
     address: str | None
     now: float
     rate: ConnectRate
+
+    @classmethod
+    def of(cls, client: Address | None, rate: ConnectRate) -> Attempt:
+        """The attempt of a socket from `client` (Starlette's `websocket.client`), now."""
+        host = client.host if client is not None else None
+        return cls(host, asyncio.get_running_loop().time(), rate)
 
 
 def admit(

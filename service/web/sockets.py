@@ -125,12 +125,7 @@ class RoomSocket(UpgradeRequest, WebSocketEndpoint):
         subprotocol = subprotocol_of(offered)
         self.room = websocket.path_params.get("room")
         query = websocket.query_params
-        client = websocket.client
-        attempt = Attempt(
-            client.host if client is not None else None,
-            asyncio.get_running_loop().time(),
-            self.context.connect_rate,
-        )
+        attempt = Attempt.of(websocket.client, self.context.connect_rate)
         hooks = self.context.hooks
         try:
             count = len(hub.connections) + hooks.admitting  # those in connect hooks count too
