@@ -159,7 +159,18 @@ def _room() -> str:
     return "t-" + uuid.uuid4().hex[:10]
 
 
-def test_two_users_see_each_other_and_chat(web: Server, new_chat: Callable[..., Chat]) -> None:
+@pytest.fixture(scope="module", params=["off", "shared", "per-connection"])
+def compression(request: pytest.FixtureRequest) -> Iterator[Server]:
+    """The page under each WS_COMPRESSION: a browser always offers permessage-deflate."""
+    srv = start_server({"WS_COMPRESSION": request.param})
+    yield srv
+    srv.terminate()
+
+
+def test_two_users_see_each_other_and_chat(
+    compression: Server, new_chat: Callable[..., Chat]
+) -> None:
+    web = compression
     room = _room()
     alice = new_chat().join(web, "alice", room)
     bob = new_chat().join(web, "bob", room)
@@ -193,6 +204,13 @@ def test_two_users_see_each_other_and_chat(web: Server, new_chat: Callable[..., 
     chats = [f for f in alice.sent + bob.sent if f.get("type") == "chat"]
     assert [f["room"] for f in chats] == [room, room]
     assert len({f["ref"] for f in chats}) == 2
+    # A long chat: compressed where deflate was negotiated, whole in the page either way.
+    long_text = "a long line, " * 60
+    bob.say(long_text)
+    for chat in (alice, bob):
+        expect(chat.page.locator("#messages .msg .text").nth(2)).to_have_text(
+            long_text.strip(), timeout=WAIT
+        )
 
 
 def test_user_text_is_rendered_as_text(web: Server, new_chat: Callable[..., Chat]) -> None:
