@@ -10,13 +10,11 @@ import msgspec
 import pytest
 
 from roomcast.backends.broker.memory import MemoryBroker
-from roomcast.backends.history.memory import MemoryStore
-from roomcast.backends.presence.local import LocalPresence
 from roomcast.engine.cluster import WorkerStats, _series
 from roomcast.engine.control import Query
 from roomcast.engine.hub import Hub
-from roomcast.settings import Settings
 
+from .hubs import started_hub
 from .test_hub import Client
 
 
@@ -37,16 +35,8 @@ class SmallBroker(MemoryBroker):
 
 @pytest.fixture
 async def hub() -> AsyncIterator[Hub]:
-    settings = Settings()
-    hub = Hub(
-        settings,
-        MemoryStore(settings.history_size, settings.history_ttl),
-        LocalPresence(),
-        SmallBroker(),
-    )
-    await hub.start()
-    yield hub
-    await hub.stop()
+    async with started_hub(SmallBroker()) as hub:
+        yield hub
 
 
 async def test_an_answer_over_the_brokers_limit_arrives_whole_in_parts(hub: Hub) -> None:

@@ -21,6 +21,8 @@ from roomcast.engine.wire import Wire
 from roomcast.protocol.envelopes import User
 from roomcast.settings import Settings
 
+from .hubs import started_hub
+
 
 class Client:
     """A connection whose socket is a list of the frames it was sent."""
@@ -73,16 +75,8 @@ class GatedUnsubscribe(MemoryBackend):
 
 @pytest.fixture
 async def hub() -> AsyncIterator[Hub]:
-    settings = Settings()
-    hub = Hub(
-        settings,
-        MemoryStore(settings.history_size, settings.history_ttl),
-        LocalPresence(),
-        MemoryBackend(),
-    )
-    await hub.start()
-    yield hub
-    await hub.stop()
+    async with started_hub(MemoryBackend()) as hub:
+        yield hub
 
 
 async def test_rejoin_during_unsubscribe_waits_and_stays_subscribed(hub: Hub) -> None:

@@ -15,15 +15,10 @@ from starlette.websockets import WebSocketDisconnect
 
 from roomcast import Roomcast, Settings
 
+from ..strategies import MAX_BYTES, deep, json_values
+
 ALLOWED_CLOSES = {1008, 1009, 4408, 4429}
 
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
-    ),
-    max_leaves=10,
-)
 room_names = st.sampled_from(["a", "b", "lobby", "x.y:z-1", "", "bad room", "é", "r" * 65])
 envelopes = st.fixed_dictionaries(
     {"type": st.sampled_from(["join", "leave", "chat", "presence", "refresh", "ping", "nope"])},
@@ -37,14 +32,6 @@ envelopes = st.fixed_dictionaries(
         "token": json_values,
     },
 )
-MAX_BYTES = 8192
-# Deeper than msgspec (Python's recursion limit) decodes: closed or not, in any field.
-deep = st.builds(
-    lambda depth, kind, closed: kind[0] * depth + (kind[1] * depth if closed else ""),
-    st.integers(min_value=1000, max_value=MAX_BYTES // 2 - 100),
-    st.sampled_from([("[", "]"), ('{"a":', "}"), ('[{"a":', "}]")]),
-    st.booleans(),
-).filter(lambda text: len(text) < MAX_BYTES - 100)
 deep_frames = st.builds(
     lambda head, nested: head + nested + ("}" if nested.endswith(("]", "}")) else ""),
     st.sampled_from(

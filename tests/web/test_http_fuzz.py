@@ -19,16 +19,11 @@ from starlette.testclient import TestClient
 
 from roomcast import Roomcast, Settings
 
+from ..strategies import MAX_BYTES, deep, json_values
+
 KEY = "fuzz-key-of-16-chars"
 API_STATUSES = {200, 400, 401, 404, 405, 413, 422}
 
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
-    ),
-    max_leaves=12,
-)
 user_bodies = st.fixed_dictionaries({}, optional={"id": st.text(max_size=8), "name": json_values})
 near_valid = st.fixed_dictionaries(
     {"type": st.sampled_from(["notification", "chat", "other"]) | json_values},
@@ -42,14 +37,6 @@ near_valid = st.fixed_dictionaries(
         "user": user_bodies | json_values,
     },
 )
-MAX_BYTES = 8192
-# Deeper than msgspec (Python's recursion limit) decodes, closed or not; and very wide.
-deep = st.builds(
-    lambda depth, kind, closed: kind[0] * depth + (kind[1] * depth if closed else ""),
-    st.integers(min_value=1000, max_value=MAX_BYTES // 2 - 100),
-    st.sampled_from([("[", "]"), ('{"a":', "}"), ('[{"a":', "}]")]),
-    st.booleans(),
-).filter(lambda text: len(text) < MAX_BYTES - 100)
 deep_bodies = st.builds(
     lambda head, nested: (head + nested + ("}" if nested.endswith(("]", "}")) else "")).encode(),
     st.sampled_from(
