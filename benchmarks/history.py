@@ -125,7 +125,7 @@ def run(quick: bool = False, stores: list[str] | None = None) -> list[Result]:
                     {
                         "HISTORY_URL": urls[store](),
                         "RATE_LIMIT": "100000",
-                        "CONNECT_RATE": "0",  # every client connects from one address
+                        "CONNECT_RATE": "0",
                         "HISTORY_SIZE": "2000",
                     }
                 )

@@ -93,7 +93,6 @@ def run(quick: bool = False) -> list[Result]:
     messages = 100 if quick else 400
     redis = start_redis()
     try:
-        # RECEIVERS connect at once from one address: no connection rate limit.
         env = {"BROADCAST_URL": redis.url, "RATE_LIMIT": "100000", "CONNECT_RATE": "0"}
         results = []
         for count in (1, 2):

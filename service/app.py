@@ -21,6 +21,7 @@ from .backends.history.base import Appended
 from .backends.history.factory import open_store
 from .backends.presence.factory import open_presence
 from .engine.hub import Hub
+from .engine.limits import ConnectRate
 from .engine.wire import fast_writes_available
 from .protocol.codec import Codec
 from .protocol.codes import Close
@@ -28,6 +29,8 @@ from .protocol.envelopes import ClientEnvelope, Envelope, Level, ServerEnvelope
 from .protocol.schema import schema
 from .settings import Settings
 from .web.api import Api, not_found
+from .web.hooks import Hooks
+from .web.http_hooks import HttpHooks
 from .web.pages import page_routes
 from .web.sockets import PROTOCOL_HANDLERS, Handler, RoomSocket, SocketContext
 
@@ -35,6 +38,9 @@ log = logging.getLogger("roomcast")
 
 HandlerT = TypeVar("HandlerT", bound=Callable[[RoomSocket, Any], Awaitable[None]])
 ServerT = TypeVar("ServerT", bound=type[ServerEnvelope])
+SocketHookT = TypeVar("SocketHookT", bound=Callable[[RoomSocket], Awaitable[None]])
+RoomHookT = TypeVar("RoomHookT", bound=Callable[[RoomSocket, str], Awaitable[None]])
+ChatHookT = TypeVar("ChatHookT", bound=Callable[[RoomSocket | None, str, str], Awaitable[str]])
 
 
 class Roomcast:
@@ -44,12 +50,20 @@ class Roomcast:
         self.settings = settings = settings or Settings.from_environ()
         self.hub = Hub(
             settings,
-            open_store(settings.history_url, settings.history_size, settings.history_ttl),
+            open_store(
+                settings.history_url,
+                settings.history_size,
+                settings.history_ttl,
+                settings.history_memory_mb,
+            ),
             open_presence(settings.broadcast_url, settings.history_url, settings.presence_ttl),
             open_broker(settings.broadcast_url),
         )
         self.handlers: dict[type[ClientEnvelope], Handler] = dict(PROTOCOL_HANDLERS)
         self.server_types: list[type[ServerEnvelope]] = []
+        self.hooks: Hooks[RoomSocket] = Hooks(settings.hook_timeout)
+        # CONNECT_HOOK_URL, JOIN_HOOK_URL, CHAT_HOOK_URL: hooks like the application's own.
+        self.http_hooks = HttpHooks.register(settings, self.hooks)
         self._app: Starlette | None = None
         self._socket: type[RoomSocket] | None = None
 
@@ -79,6 +93,40 @@ class Roomcast:
         self.server_types.append(envelope)
         return envelope
 
+    def on_connect(self, hook: SocketHookT) -> SocketHookT:
+        """Run `hook(socket)` before a connection's `welcome`: read `socket.headers`,
+        `.cookies`, `.query_params`, `.scope`; set `socket.user`; raise `Refuse` to refuse."""
+        self._not_serving("register hooks")
+        self.hooks.connect.append(hook)
+        return hook
+
+    def on_join(self, hook: RoomHookT) -> RoomHookT:
+        """Run `hook(socket, room)` before a join (on `/ws/{room}`, before the `welcome`);
+        raise `ProtocolError` to refuse it."""
+        self._not_serving("register hooks")
+        self.hooks.join.append(hook)
+        return hook
+
+    def on_chat(self, hook: ChatHookT) -> ChatHookT:
+        """Run `hook(socket, room, text)` before a chat is stored (`socket` is None for a
+        chat published through the HTTP API); it returns the text to store, or raises
+        `ProtocolError` to refuse the chat."""
+        self._not_serving("register hooks")
+        self.hooks.chat.append(hook)
+        return hook
+
+    def on_leave(self, hook: RoomHookT) -> RoomHookT:
+        """Run `hook(socket, room)` after a connection left a room (also when it ended)."""
+        self._not_serving("register hooks")
+        self.hooks.leave.append(hook)
+        return hook
+
+    def on_disconnect(self, hook: SocketHookT) -> SocketHookT:
+        """Run `hook(socket)` after an admitted connection ended (after its leave hooks)."""
+        self._not_serving("register hooks")
+        self.hooks.disconnect.append(hook)
+        return hook
+
     def _not_serving(self, what: str) -> None:
         if self._app is not None:
             raise RuntimeError(f"{what} before the app serves its first request")
@@ -97,23 +145,27 @@ class Roomcast:
     ) -> Appended:
         """Store a notification in `room` (the room's next offset) and deliver it to every
         member, on every worker. A repeated `ref` returns the first and publishes nothing."""
-        return await self.hub.publish(room, title=title, body=body, level=level, data=data, ref=ref)
+        return await self.hub.publisher.publish(
+            room, title=title, body=body, level=level, data=data, ref=ref
+        )
 
     async def broadcast(self, room: str, envelope: Envelope) -> None:
         """Deliver an ephemeral envelope (not stored, no offset) to the room's members."""
-        await self.hub.broadcast(room, envelope)
+        await self.hub.publisher.broadcast(room, envelope)
 
     async def notify_user(
         self, user_id: str, *, title: str, body: str, level: Level = "info", data: Any = None
     ) -> int:
         """Send a notification to each connection of one user, on every worker; returns how
         many connections it reached."""
-        return await self.hub.notify_user(user_id, title=title, body=body, level=level, data=data)
+        return await self.hub.publisher.notify_user(
+            user_id, title=title, body=body, level=level, data=data
+        )
 
     async def disconnect_user(self, user_id: str, code: int = Close.UNAUTHORIZED) -> int:
         """Close every connection of one user (with 4401 unless told otherwise), on every
         worker; returns how many there were."""
-        return await self.hub.disconnect_user(user_id, code)
+        return await self.hub.publisher.disconnect_user(user_id, code)
 
     # --- serving ---------------------------------------------------------
 
@@ -135,13 +187,16 @@ class Roomcast:
         log.info(
             "writes: %s", f"fast where possible ({why})" if fast else f"ASGI send only ({why})"
         )
-        context = SocketContext(self.hub, self.settings, Codec(extra), self.handlers, fast)
+        rate = ConnectRate(self.settings.connect_rate)
+        context = SocketContext(
+            self.hub, self.settings, Codec(extra), self.handlers, fast, self.hooks, rate
+        )
         socket = self._socket = type("RoomSocket", (RoomSocket,), {"context": context})
         routes: list[BaseRoute] = [
             WebSocketRoute("/ws", socket),
             WebSocketRoute("/ws/{room}", socket),
             *page_routes(self.hub, self.settings, self.schema()),
-            Mount("/api", app=Api(self.hub, self.settings).app()),
+            Mount("/api", app=Api(self.hub, self.settings, self.hooks).app()),
         ]
         return Starlette(
             routes=routes,
@@ -151,11 +206,12 @@ class Roomcast:
 
     @asynccontextmanager
     async def lifespan(self, app: object = None) -> AsyncIterator[None]:
-        await self.hub.start()
-        try:
-            yield
-        finally:
-            await self.hub.stop()
+        async with self.http_hooks:
+            await self.hub.start()
+            try:
+                yield
+            finally:
+                await self.hub.stop()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         app = self.app

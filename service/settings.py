@@ -7,12 +7,14 @@ starts.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlparse
+from typing import Any, Final
+from urllib.parse import urlparse, urlsplit
 
 from starlette.config import Config, EnvironError
 from starlette.datastructures import CommaSeparatedStrings, Secret
@@ -78,12 +80,17 @@ class Settings:
                     f"{name.upper()}={getattr(self, name)!r} is invalid: use one of "
                     f"{', '.join(allowed)}."
                 )
+        _check_secrets(self.jwt_secret, self.api_key)
+        for origin in self.allowed_origins:
+            _check_origin(origin)
+        _check_forwarded(self.forwarded_allow_ips)
         if self.outbox_size >= self.history_size:
             raise SettingsError(
                 f"OUTBOX_SIZE={self.outbox_size} is invalid: it must be below "
                 f"HISTORY_SIZE={self.history_size}, so that a slow consumer closed with 4408 "
                 "can recover what it missed."
             )
+        _check_hooks(self)
 
     @property
     def shares_rooms_across_processes(self) -> bool:
@@ -153,8 +160,115 @@ _MINIMUMS = {
 }
 
 
+MIN_JWT_SECRET_BYTES: Final = 32  # HS256: a key as long as the hash
+MIN_API_KEY_CHARS: Final = 16
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+
+
+def check_jwt_secret(secret: str, var: str = "JWT_SECRET") -> None:
+    """Refuse an HS256 secret short enough to brute-force (never quoting it)."""
+    size = len(secret.encode())
+    if size < MIN_JWT_SECRET_BYTES:
+        raise SettingsError(
+            f"{var} is too short: {size} bytes, and HS256 needs at least "
+            f"{MIN_JWT_SECRET_BYTES} (e.g. the output of `openssl rand -hex 32`)."
+        )
+
+
+def _check_secrets(jwt_secret: Secret | None, api_key: Secret | None) -> None:
+    """Refuse keys short enough to guess or brute-force (never quoting them)."""
+    if jwt_secret is not None:
+        check_jwt_secret(str(jwt_secret))
+    if api_key is not None and len(str(api_key)) < MIN_API_KEY_CHARS:
+        raise SettingsError(
+            f"API_KEY is too short: {len(str(api_key))} characters; use at least "
+            f"{MIN_API_KEY_CHARS} random ones (e.g. the output of `openssl rand -hex 32`)."
+        )
+
+
+def _check_origin(origin: str) -> None:
+    """An ALLOWED_ORIGINS entry is `*` or a bare origin, as browsers send it in `Origin`."""
+    if origin == "*":
+        return
+    problem = bare_origin_problem(origin)
+    if problem is not None:
+        raise SettingsError(
+            f"ALLOWED_ORIGINS entry {origin!r} is invalid: {problem}; give scheme://host[:port], "
+            "e.g. https://chat.example.com."
+        )
+
+
+def bare_origin_problem(origin: str) -> str | None:
+    """Why `origin` is not a bare `scheme://host[:port]`, or None when it is one."""
+    scheme, sep, rest = origin.partition("://")
+    if not sep or not _SCHEME.fullmatch(scheme):
+        return "it has no scheme"
+    if not rest:
+        return "it has no host"
+    try:
+        parts = urlsplit(origin)
+        port = parts.port
+    except ValueError:
+        return "its port is not a number from 0 to 65535"
+    if "@" in parts.netloc:
+        return "it has user information (`user@`)"
+    if parts.path == "/" and not (parts.query or parts.fragment):
+        return "it ends in `/`, which makes it a path"
+    if parts.path or parts.query or parts.fragment or origin.endswith(("?", "#")):
+        return "it has a path, query or fragment"
+    if not parts.hostname or (port is None and parts.netloc.endswith(":")):
+        return "it has no host" if not parts.hostname else "its port is empty"
+    return None
+
+
+def _check_forwarded(value: str) -> None:
+    """FORWARDED_ALLOW_IPS: `*`, or comma-separated IP addresses and networks (uvicorn's
+    meaning; uvicorn would take anything else as a Unix socket's name)."""
+    for entry in (e.strip() for e in value.split(",")):
+        if entry == "*":
+            continue
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise SettingsError(
+                f"FORWARDED_ALLOW_IPS={value!r} is invalid: {entry!r} is not an IP address or "
+                "network; give `*` or a comma-separated list such as 127.0.0.1,10.0.0.0/8."
+            ) from None
+
+
 def _describe(annotation: object) -> str:
     return "an integer" if annotation == "int" else "a string"
+
+
+MIN_HOOK_SECRET_CHARS = 16
+
+
+def _check_hooks(settings: Settings) -> None:
+    """Each hook URL is http(s) with a host, and HOOK_SECRET signs their requests."""
+    for var in ("CONNECT_HOOK_URL", "JOIN_HOOK_URL", "CHAT_HOOK_URL"):
+        url = getattr(settings, var.lower())
+        if not url:
+            continue
+        try:
+            parts = urlparse(url)
+            parts.port  # noqa: B018 - raises ValueError when the port is not a number
+        except ValueError as exc:
+            raise SettingsError(f"{var}={safe_url(url)!r} is invalid: {exc}.") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise SettingsError(
+                f"{var}={safe_url(url)!r} is invalid: give an http:// or https:// URL with a "
+                "host, e.g. https://app.example.com/roomcast/join."
+            )
+        if settings.hook_secret is None:
+            raise SettingsError(
+                f"HOOK_SECRET is required when {var} is set: every hook request is signed "
+                "with it (HMAC-SHA256)."
+            )
+    secret = settings.hook_secret
+    if secret is not None and len(str(secret)) < MIN_HOOK_SECRET_CHARS:
+        raise SettingsError(
+            f"HOOK_SECRET is too short: use at least {MIN_HOOK_SECRET_CHARS} random characters."
+        )
 
 
 def _check_url(var: str, url: str, schemes: tuple[str, ...]) -> None:

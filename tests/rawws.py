@@ -1,4 +1,5 @@
-"""A WebSocket client on a bare TCP socket: answers nothing (no pongs), reads only when told."""
+"""A WebSocket client on a bare TCP socket: answers nothing unless told (`send`), reads only
+when told, and parses the server's byte stream strictly, frame by frame."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import time
 class RawWebSocket:
     """A WebSocket client on a bare TCP socket that never answers anything (no pongs)."""
 
-    def __init__(self, port: int, path: str, rcvbuf: int | None = None) -> None:
+    def __init__(self, port: int, path: str, rcvbuf: int | None = None, prefix: str = "") -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf is not None:  # before connect, so the advertised window stays small
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -21,7 +22,7 @@ class RawWebSocket:
         key = base64.b64encode(os.urandom(16)).decode()
         self.sock.sendall(
             (
-                f"GET {path} HTTP/1.1\r\n"
+                f"GET {prefix}{path} HTTP/1.1\r\n"
                 f"Host: 127.0.0.1:{port}\r\n"
                 "Upgrade: websocket\r\n"
                 "Connection: Upgrade\r\n"
@@ -60,6 +61,9 @@ class RawWebSocket:
         if header is None:
             return None
         opcode = header[0] & 0x0F
+        # FIN, and no RSV bit: this client negotiates no extension, and the server
+        # sends no fragments, so any other first byte is a frame split or garbled.
+        assert header[0] & 0xF0 == 0x80, f"not the start of a whole frame: {header!r}"
         masked = header[1] & 0x80
         length = header[1] & 0x7F
         if length == 126:
@@ -77,6 +81,13 @@ class RawWebSocket:
         if payload is None:
             return None
         return opcode, payload
+
+    def send(self, opcode: int, payload: bytes) -> None:
+        """One masked client frame (payloads under 126 bytes: pongs, short texts)."""
+        assert len(payload) < 126
+        mask = os.urandom(4)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.sock.sendall(bytes((0x80 | opcode, 0x80 | len(payload))) + mask + masked)
 
     def close(self) -> None:
         self.sock.close()

@@ -14,7 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 STARTUP_TIMEOUT = 20.0
-_RUNNING = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
+# Tests connect from one address (127.0.0.1) far faster than people do, so servers
+# they start allow that, unless a test sets CONNECT_RATE itself (those of the limit do).
+TEST_ENV = {"CONNECT_RATE": "1000"}
+# uvicorn's line, or hypercorn's.
+_RUNNING = re.compile(r"(?:Uvicorn running|Running) on http://127\.0\.0\.1:(\d+)")
 
 
 @dataclass
@@ -67,10 +71,18 @@ def start_server(
     return _start([*command, *(args or [])], env, cwd, "")
 
 
-def start_app(target: str, prefix: str, env: dict[str, str] | None = None) -> Server:
+def start_app(
+    target: str, prefix: str, env: dict[str, str] | None = None, args: list[str] | None = None
+) -> Server:
     """Start `uvicorn TARGET` (an app of the tests that mounts roomcast at `prefix`)."""
     command = [sys.executable, "-m", "uvicorn", target, "--host", "127.0.0.1", "--port", "0"]
-    return _start(command, env, str(REPO), prefix)
+    return _start([*command, *(args or [])], env, str(REPO), prefix)
+
+
+def start_hypercorn(target: str, port: int, env: dict[str, str] | None = None) -> Server:
+    """Start `hypercorn TARGET`, another ASGI server than uvicorn."""
+    command = [sys.executable, "-m", "hypercorn", target, "--bind", f"127.0.0.1:{port}"]
+    return _start(command, env, str(REPO), "")
 
 
 def _start(command: list[str], env: dict[str, str] | None, cwd: str | None, prefix: str) -> Server:
@@ -79,6 +91,7 @@ def _start(command: list[str], env: dict[str, str] | None, cwd: str | None, pref
         prefix="roomcast-", suffix=".log", delete=False
     )
     full_env = {k: v for k, v in os.environ.items() if k not in ("WEB_CONCURRENCY", "PORT")}
+    full_env.update(TEST_ENV)
     full_env.update(env or {})
     process = subprocess.Popen(
         command, stdout=log_file, stderr=subprocess.STDOUT, env=full_env, cwd=cwd

@@ -67,16 +67,31 @@ async def get(server: Server, path: str) -> tuple[int, Any]:
     return await asyncio.wait_for(asyncio.to_thread(http_get, server, path), TIMEOUT + 1)
 
 
-async def wait_health(server: Server, within: float = 10.0, **expected: int) -> dict[str, Any]:
-    """Poll /healthz until every given count has the expected value."""
+GAUGES = ("connections", "rooms", "users", "subscriptions", "tasks")
+
+
+def counts(server: Server) -> dict[str, int]:
+    """The server's gauges from /metrics (`roomcast_connections` as `connections`, …)."""
+    with urllib.request.urlopen(server.http + "/metrics", timeout=TIMEOUT) as response:
+        text = response.read().decode()
+    found: dict[str, int] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name.startswith("roomcast_") and name[len("roomcast_") :] in GAUGES:
+            found[name[len("roomcast_") :]] = int(float(value))
+    assert set(found) == set(GAUGES), text
+    return found
+
+
+async def wait_counts(server: Server, within: float = 10.0, **expected: int) -> dict[str, int]:
+    """Poll the gauges of /metrics until every given one has the expected value."""
     deadline = time.monotonic() + within
     while True:
-        status, health = await get(server, "/healthz")
-        assert status == 200, health
-        if all(health.get(key) == value for key, value in expected.items()):
-            return health  # type: ignore[no-any-return]
+        found = await asyncio.wait_for(asyncio.to_thread(counts, server), TIMEOUT + 1)
+        if all(found[key] == value for key, value in expected.items()):
+            return found
         if time.monotonic() > deadline:
-            raise AssertionError(f"/healthz never reached {expected}: last {health}")
+            raise AssertionError(f"/metrics never reached {expected}: last {found}")
         await asyncio.sleep(0.02)  # polling interval, bounded by the deadline
 
 

@@ -20,6 +20,7 @@ PACKAGE = "roomcast"
 RANKS = {
     "protocol": 0,
     "errors": 1,
+    "envelopes": 1,
     "observe": 2,
     "client": 2,
     "backends": 3,

@@ -11,3 +11,4 @@ FORBIDDEN: Final = 5  # a room the token does not permit (4403)
 INVALID_ROOM: Final = 6
 API_OFF: Final = 7  # the server's HTTP API is off (API_KEY unset: 404)
 INTERRUPTED: Final = 130
+BROKEN_PIPE: Final = 141  # the reader of stdout went away: 128 + SIGPIPE, as a shell reports

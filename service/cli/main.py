@@ -6,12 +6,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import SettingsError
+from ..settings import check_jwt_secret
 from . import api, client, serve
+from .exit_codes import BROKEN_PIPE
 
 
 def print_schema(args: argparse.Namespace) -> int:
@@ -52,6 +55,7 @@ def print_token(args: argparse.Namespace) -> int:
         secret = Config(env_file)("JWT_SECRET", default=None)
     if not secret:
         raise SettingsError("no secret: set JWT_SECRET or pass --secret.")
+    check_jwt_secret(secret, "--secret" if args.secret is not None else "JWT_SECRET")
     if not args.sub.strip():
         raise SettingsError("--sub must not be blank.")
     if args.ttl < 1:
@@ -78,13 +82,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     _token_parser(sub)
     api.register(sub)
     client.register(sub)
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)  # --help writes too
         code = int(args.run(args))
+        sys.stdout.flush()  # a closed reader shows here, while we can still catch it
     except SettingsError as exc:
         print(f"roomcast: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        return _reader_gone()
     return code
+
+
+def _reader_gone() -> int:
+    """The reader of our output went away (`roomcast schema | head`): exit quietly,
+    as a command killed by SIGPIPE would, without a traceback."""
+    # Python flushes stdout again at exit, which would fail and complain the same way.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import fields
+from typing import Any, cast
 
 from ..backends.broker.factory import open_broker
 from ..backends.history.factory import open_store
@@ -96,7 +97,12 @@ def _check_backends(settings: Settings) -> None:
     """Connect once here, in the parent: a bad URL or an unreachable broker stops
     start-up with the variable's name, instead of workers that die one by one
     behind a bound port."""
-    store = open_store(settings.history_url, settings.history_size, settings.history_ttl)
+    store = open_store(
+        settings.history_url,
+        settings.history_size,
+        settings.history_ttl,
+        settings.history_memory_mb,
+    )
     try:
         backend = open_broker(settings.broadcast_url)
     except ValueError as exc:
@@ -150,6 +156,8 @@ def _log_format(args: argparse.Namespace) -> str:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from .handshakes import http_protocol
+
     settings = _settings_from(args)
     log_format = _log_format(args)
     workers = _workers(args, settings)
@@ -169,8 +177,11 @@ def serve(args: argparse.Namespace) -> int:
             ws_ping_interval=settings.heartbeat_seconds,
             ws_ping_timeout=settings.heartbeat_seconds,
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+            # Not finishing a request in time, or handshaking past the worker's cap, closes
+            # the socket: HANDSHAKE_TIMEOUT (see handshakes.py).
+            http=cast(Any, http_protocol(settings.handshake_timeout, settings.max_connections)),
             proxy_headers=True,
-            forwarded_allow_ips="*",
+            forwarded_allow_ips=settings.forwarded_allow_ips,
             server_header=False,
         )
     return 0

@@ -70,6 +70,7 @@ from .events import (
     Reconnected,
     RecoveryFailed,
     RequestTimeout,
+    ServerFailed,
     Unauthorized,
     close_error,
 )
@@ -284,8 +285,8 @@ class Client:
                 if self.tokens.refresh_with is None:
                     raise
                 must_refresh = True
-            except RateLimited:
-                pass  # 4429: later, with backoff
+            except (RateLimited, ServerFailed):
+                pass  # 4429, or 1012 after a failed connect hook: later, with backoff
 
     async def _session(self, ws: Socket) -> None:
         """Rejoin, re-send, then read until the connection ends (raises ConnectionEnded)."""

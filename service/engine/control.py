@@ -1,10 +1,18 @@
-"""Requests to every worker on the control channel, each answered with a tally.
+"""Requests to every worker on the control channel, each answered by every worker.
 
-`notify_user` and `disconnect_user` reach a user's connections wherever they
-are: the asking worker publishes the request with an id, every worker acts
-on its own connections and answers how many it reached, and the asker sums
-the answers until every live worker (those holding a presence lease) has
-answered, or TALLY_TIMEOUT passes.
+The asking worker publishes a request with a fresh id; every worker that
+shares the broker acts on it and publishes its answer (a JSON payload), and
+the asker gathers the answers until every live worker (those holding a
+presence lease) has answered, or ANSWER_TIMEOUT passes. Two kinds of request:
+
+- `UserDelivery`: a frame for, or a close of, one user's connections
+  (`notify_user`, `disconnect_user`); each worker answers how many
+  connections it reached, and the asker sums them.
+- `Query`: a named question (`what`) with parameters; each worker answers
+  with what the responder registered under that name returns (its figures
+  for the admin's stats, its rooms), and the asker merges them.
+
+An answer larger than the broker carries (Postgres NOTIFY) is sent in parts.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Final
 
 import msgspec
@@ -22,18 +30,23 @@ from ..backends.presence.base import PresenceStore
 from ..observe import metrics
 from .connection import Connection
 from .frames import Frame
+from .rates import Counts
 from .sequencer import Spawn
 from .transport import CONTROL_CHANNEL, Transport
 
 log = logging.getLogger("roomcast.hub")
 
-# How long a request waits for every worker to say how many connections it reached.
-TALLY_TIMEOUT: Final = 2.0
+# How long a request waits for every worker to answer.
+ANSWER_TIMEOUT: Final = 2.0
+# Room for an answer's other fields when it is cut into parts.
+_PART_OVERHEAD: Final = 256
+
+Responder = Callable[[msgspec.Raw], bytes]
 
 
 class UserDelivery(msgspec.Struct, tag="user", tag_field="kind"):
     """A frame for (or a close of) one user's connections. With `ask`, every
-    worker answers with a `Tally` of the connections it reached."""
+    worker answers how many connections it reached."""
 
     user: str
     frame: str | None = None
@@ -41,24 +54,55 @@ class UserDelivery(msgspec.Struct, tag="user", tag_field="kind"):
     ask: str | None = None
 
 
-class Tally(msgspec.Struct, tag="tally", tag_field="kind"):
+class Query(msgspec.Struct, tag="query", tag_field="kind"):
+    """A question every worker answers with the JSON its responder for `what` returns."""
+
+    what: str
+    params: msgspec.Raw = msgspec.Raw(b"null")
+    ask: str = ""
+
+
+class Answer(msgspec.Struct, tag="answer", tag_field="kind"):
+    """One worker's answer to `answer` (a request's id): `body` is its JSON, or
+    part `part` of `parts` of it."""
+
     answer: str
-    count: int
+    worker: str
+    body: str
+    part: int = 0
+    parts: int = 1
 
 
-class _Count:
-    """The answers to one `ask`, summed until every live worker has answered."""
+class _Answers:
+    """The answers to one request, gathered until every live worker has answered."""
 
-    __slots__ = ("answers", "done", "expected", "total")
+    __slots__ = ("bodies", "done", "expected", "partial", "workers")
 
     def __init__(self, expected: int) -> None:
         self.expected = expected
-        self.answers = 0
-        self.total = 0
+        self.bodies: list[str] = []
+        self.workers: set[str] = set()  # who answered (a broker may deliver twice)
+        self.partial: dict[str, dict[int, str]] = {}
         self.done = asyncio.Event()
 
+    def add(self, answer: Answer) -> None:
+        if answer.worker in self.workers:
+            return
+        body = answer.body
+        if answer.parts > 1:
+            parts = self.partial.setdefault(answer.worker, {})
+            parts[answer.part] = body
+            if len(parts) < answer.parts:
+                return
+            body = "".join(parts[i] for i in range(answer.parts))
+            del self.partial[answer.worker]
+        self.workers.add(answer.worker)
+        self.bodies.append(body)
+        if len(self.bodies) >= self.expected:
+            self.done.set()
 
-_decoder = msgspec.json.Decoder(UserDelivery | Tally)
+
+_decoder = msgspec.json.Decoder(UserDelivery | Query | Answer)
 _encoder = msgspec.json.Encoder()
 
 
@@ -69,35 +113,50 @@ class Control:
         presence: PresenceStore,
         users: Mapping[str, set[Connection]],
         spawn: Spawn,
+        deliveries: Counts,
     ) -> None:
         self.transport = transport
         self.presence = presence
         self.users = users
         self.spawn = spawn
-        self._counts: dict[str, _Count] = {}
+        self.deliveries = deliveries
+        self.worker = secrets.token_hex(8)
+        # What this worker answers to each kind of `Query`.
+        self.responders: dict[str, Responder] = {}
+        self._pending: dict[str, _Answers] = {}
 
-    async def ask(self, delivery: UserDelivery) -> int:
-        """Publish `delivery` and sum the workers' answers. A worker that does not
-        answer within TALLY_TIMEOUT (it is dying) is left out of the sum."""
-        delivery.ask = secrets.token_hex(8)
-        count = self._counts[delivery.ask] = _Count(await self.presence.workers())
+    async def ask(self, request: UserDelivery | Query) -> list[str]:
+        """Publish `request` and gather every worker's answer (the JSON texts). A
+        worker that does not answer within ANSWER_TIMEOUT (it is dying) is left out."""
+        request.ask = ask = secrets.token_hex(8)
+        answers = self._pending[ask] = _Answers(await self.presence.workers())
         try:
-            await self._publish(delivery)
+            await self._publish(request)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(TALLY_TIMEOUT):
-                    await count.done.wait()
-            return count.total
+                async with asyncio.timeout(ANSWER_TIMEOUT):
+                    await answers.done.wait()
+            return answers.bodies
         finally:
-            del self._counts[delivery.ask]
+            del self._pending[ask]
 
-    async def _publish(self, message: UserDelivery | Tally) -> None:
+    async def count(self, delivery: UserDelivery) -> int:
+        """Deliver to a user on every worker; how many connections it reached."""
+        return sum(int(body) for body in await self.ask(delivery))
+
+    async def _publish(self, message: UserDelivery | Query | Answer) -> None:
         await self.transport.publish(CONTROL_CHANNEL, _encoder.encode(message).decode())
 
     def receive(self, text: str) -> None:
         """A message on the control channel (synchronous: called by the listener)."""
         message = _decoder.decode(text)
-        if isinstance(message, Tally):
-            self._counted(message)
+        if isinstance(message, Answer):
+            answers = self._pending.get(message.answer)
+            if answers is not None:
+                answers.add(message)
+        elif isinstance(message, Query):
+            respond = self.responders.get(message.what)
+            if respond is not None:
+                self.spawn(self._answer(message.ask, respond(message.params).decode()))
         else:
             self._deliver(message)
 
@@ -112,19 +171,23 @@ class Control:
                 reached += 1
         if delivery.frame is not None and delivery.close is None:
             metrics.DELIVERIES.inc(reached)
+            self.deliveries.add(reached)
         if delivery.ask is not None:
-            self.spawn(self._answer(Tally(delivery.ask, reached)))
+            self.spawn(self._answer(delivery.ask, str(reached)))
 
-    async def _answer(self, tally: Tally) -> None:
+    def _parts(self, ask: str, body: str) -> list[Answer]:
+        whole = Answer(ask, self.worker, body)
+        limit = self.transport.max_payload
+        if limit is None or len(_encoder.encode(whole)) <= limit:
+            return [whole]
+        # A character takes at most 6 bytes in a JSON string (`\u001f`).
+        size = max(1, (limit - _PART_OVERHEAD) // 6)
+        pieces = [body[i : i + size] for i in range(0, len(body), size)]
+        return [Answer(ask, self.worker, p, i, len(pieces)) for i, p in enumerate(pieces)]
+
+    async def _answer(self, ask: str, body: str) -> None:
         try:
-            await self._publish(tally)
+            for part in self._parts(ask, body):
+                await self._publish(part)
         except Exception as exc:  # the asking worker times out and leaves this one out
-            log.warning("tally for %s not published: %r", tally.answer, exc)
-
-    def _counted(self, tally: Tally) -> None:
-        count = self._counts.get(tally.answer)
-        if count is not None:
-            count.total += tally.count
-            count.answers += 1
-            if count.answers >= count.expected:
-                count.done.set()
+            log.warning("answer to %s not published: %r", ask, exc)

@@ -68,10 +68,9 @@ class Frame:
         cached = self._deflated
         if cached is not None and cached[0] == wbits:
             return cached[1]
-        plain = self.plain
-        if len(plain) - 2 < DEFLATE_MIN_BYTES:
-            return plain
         payload = self.text.encode()
+        if len(payload) < DEFLATE_MIN_BYTES:
+            return self.plain
         data = deflate(payload, wbits, self.COMPRESS_SETTINGS)
         frame = header(_TEXT_RSV1, len(data)) + data
         self._deflated = (wbits, frame)

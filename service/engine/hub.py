@@ -1,11 +1,11 @@
-"""The hub: rooms and their subscriptions, joins and leaves, stored publishing.
+"""The hub: rooms and their subscriptions, joins and leaves.
 
 One broker subscription per room per process, taken when the first local
-member joins and dropped when the last one leaves. A stored envelope is
-encoded once (by the history store, once its offset is known), published
-once, and the same text is pushed into the bounded outbox of every local
-member (`sequencer`); nothing in the fan-out awaits a client. Requests that
-reach a user on every worker go through `control`.
+member joins and dropped when the last one leaves. What is published
+(`publisher`) comes back from the broker and is pushed into the bounded
+outbox of every local member (`sequencer`); nothing in the fan-out awaits a
+client. Requests that reach a user on every worker go through `control`, the
+admin's figures of every worker through `cluster`.
 """
 
 from __future__ import annotations
@@ -13,25 +13,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
 from ..backends.broker.base import Broker
-from ..backends.history.base import Appended, HistoryStore
+from ..backends.history.base import HistoryStore
 from ..backends.presence.base import PresenceStore
 from ..errors import ProtocolError
 from ..observe import metrics
 from ..protocol.codec import encode
-from ..protocol.codes import Close, ErrorCode
+from ..protocol.codes import Close
 from ..protocol.envelopes import (
-    Chat,
-    Envelope,
-    Error,
     Joined,
     Left,
-    Level,
-    Notification,
     Presence,
     Since,
     System,
@@ -39,18 +34,15 @@ from ..protocol.envelopes import (
     now,
 )
 from ..settings import Settings
+from .cluster import Cluster
 from .connection import Connection
-from .control import Control, UserDelivery
+from .control import Control
+from .publisher import Publisher
+from .rates import Activity
 from .sequencer import Room, Sequencer
 from .transport import CONTROL_CHANNEL, ROOM_PREFIX, Transport, room_channel
 
 log = logging.getLogger("roomcast.hub")
-
-# Bytes an envelope may grow by once its real epoch (<= 32) and offset (<= 16 digits) are in.
-POSITION_SLACK: Final = 48
-_DISCONNECTED: Final = (
-    "The application ended this user's connections: get a new token before reconnecting."
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,9 +69,16 @@ class Hub:
         self.connections: set[Connection] = set()
         self.users: dict[str, set[Connection]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.sequencer = Sequencer(store, self.rooms, self.spawn)
+        self.activity = activity = Activity()
+        self.sequencer = Sequencer(store, self.rooms, self.spawn, activity.deliveries)
         self.transport = Transport(broker, self._on_message, self.sequencer.catch_up)
-        self.control = Control(self.transport, presence, self.users, self.spawn)
+        self.control = Control(
+            self.transport, presence, self.users, self.spawn, activity.deliveries
+        )
+        self.cluster = Cluster(
+            self.control, self.transport, store, presence, activity, self.rooms, self.users
+        )
+        self.publisher = Publisher(store, self.transport, self.control)
 
     # --- lifecycle -------------------------------------------------------
 
@@ -116,18 +115,29 @@ class Hub:
         """Run `coro` in a task that `stop()` cancels."""
         task = asyncio.create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        metrics.TASKS.inc()
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        metrics.TASKS.dec()
 
     # --- connections -----------------------------------------------------
 
     def attach(self, conn: Connection) -> None:
         self.connections.add(conn)
         metrics.CONNECTIONS.inc()
-        self.users.setdefault(conn.user.id, set()).add(conn)
+        mine = self.users.get(conn.user.id)
+        if mine is None:
+            mine = self.users[conn.user.id] = set()
+            metrics.USERS.inc()
+        mine.add(conn)
+        self.activity.connections.set(len(self.connections))
 
     def on_overflow(self, conn: Connection) -> None:
         log.info("slow consumer %s closed with 4408", conn.id)
         metrics.SLOW_CONSUMERS.inc()
+        self.activity.slow_consumers += 1
         self.spawn(conn.drop(Close.SLOW_CONSUMER))
 
     async def detach(self, conn: Connection) -> None:
@@ -140,11 +150,13 @@ class Hub:
         if conn in self.connections:
             metrics.CONNECTIONS.dec()
         self.connections.discard(conn)
+        self.activity.connections.set(len(self.connections))
         mine = self.users.get(conn.user.id)
         if mine is not None:
             mine.discard(conn)
             if not mine:
                 del self.users[conn.user.id]
+                metrics.USERS.dec()
         names = list(conn.rooms)
         for name in names:
             self._unregister(conn, name)
@@ -166,7 +178,7 @@ class Hub:
             # Shielded: a joiner that goes away must not cancel the subscription for others.
             await asyncio.shield(room.ready)
         except BaseException:
-            room.pending -= 1
+            room.join_ended()
             if room.ready.done() and self.rooms.get(name) is room:
                 del self.rooms[name]
                 metrics.ROOMS.dec()
@@ -194,12 +206,7 @@ class Hub:
             online, users = await self.presence.snapshot(name, settings.presence_list_max)
             conn.send(encode(Joined(name, page.epoch, page.top, False, online, users, ref)))
             return
-        if len(conn.rooms) >= settings.max_rooms:
-            raise ProtocolError(
-                "too_many_rooms",
-                f"This connection is already in {settings.max_rooms} rooms (MAX_ROOMS): "
-                "leave one first.",
-            )
+        self.check_room_limit(conn)
         try:
             room = await self._acquire(name)
         except Exception as exc:
@@ -232,10 +239,19 @@ class Hub:
             conn.rooms.add(name)
             metrics.JOINS.inc()
         finally:
-            room.pending -= 1
+            room.join_ended()
             self._release(room)
         if first and online <= settings.presence_events_max:
             await self._publish_system(name, "join", conn.user, online)
+
+    def check_room_limit(self, conn: Connection) -> None:
+        """ProtocolError `too_many_rooms` when `conn` may join no other room (MAX_ROOMS)."""
+        if len(conn.rooms) >= self.settings.max_rooms:
+            raise ProtocolError(
+                "too_many_rooms",
+                f"This connection is already in {self.settings.max_rooms} rooms (MAX_ROOMS): "
+                "leave one first.",
+            )
 
     async def leave(self, conn: Connection, name: str, ref: str | None = None) -> None:
         if name in conn.rooms:
@@ -267,107 +283,6 @@ class Hub:
     async def snapshot(self, name: str, ref: str | None = None) -> Presence:
         online, users = await self.presence.snapshot(name, self.settings.presence_list_max)
         return Presence(name, online, users, ref)
-
-    # --- publishing ------------------------------------------------------
-
-    async def _store_and_publish(
-        self, room: str, build: Callable[[str, int], Envelope], dedupe: str | None
-    ) -> Appended:
-        limit = self.transport.max_payload
-
-        def encoded(epoch: str, offset: int) -> str:
-            text = encode(build(epoch, offset))
-            # Refused before it is stored: the broker could not carry it (Postgres
-            # NOTIFY). Every store builds before taking the offset, so none is lost.
-            # The slack covers any epoch and offset (the Redis store builds with
-            # short placeholders for them).
-            size = len(text.encode()) + POSITION_SLACK
-            if limit is not None and size > limit:
-                raise ProtocolError(
-                    "text_too_long",
-                    f"This message would be an envelope of up to {size} bytes; "
-                    f"BROADCAST_URL's broker carries at most {limit} bytes.",
-                )
-            return text
-
-        appended = await self.store.append(room, encoded, dedupe)
-        if not appended.duplicate:
-            await self.transport.publish(room_channel(room), appended.data)
-            metrics.PUBLISHED.inc()
-        return appended
-
-    async def chat(self, user: User, room: str, text: str, ref: str | None = None) -> Appended:
-        """Store and deliver a chat; a repeated `ref` of the same user returns the first."""
-        return await self._store_and_publish(
-            room,
-            lambda epoch, offset: Chat(room, epoch, offset, user, text, now()),
-            None if ref is None else f"{user.id}\x00{ref}",
-        )
-
-    async def publish(
-        self,
-        room: str,
-        *,
-        title: str,
-        body: str,
-        level: Level = "info",
-        data: Any = None,
-        ref: str | None = None,
-    ) -> Appended:
-        """Store a notification in `room` and deliver it to every member, on every worker."""
-        return await self._store_and_publish(
-            room,
-            lambda epoch, offset: Notification(
-                room=room,
-                epoch=epoch,
-                offset=offset,
-                title=title,
-                body=body,
-                level=level,
-                data=data,
-                ts=now(),
-            ),
-            None if ref is None else f"\x00api\x00{ref}",
-        )
-
-    async def broadcast(self, room: str, envelope: Envelope) -> None:
-        """Deliver an ephemeral envelope (not stored, no offset) to the room's members."""
-        await self.transport.publish(room_channel(room), encode(envelope))
-
-    async def notify_user(
-        self,
-        user_id: str,
-        *,
-        title: str,
-        body: str,
-        level: Level = "info",
-        data: Any = None,
-    ) -> int:
-        """Send a notification to every connection of one user, on every worker;
-        how many connections it reached."""
-        frame = encode(
-            Notification(
-                room=None,
-                epoch=None,
-                offset=None,
-                title=title,
-                body=body,
-                level=level,
-                data=data,
-                ts=now(),
-            )
-        )
-        return await self.control.ask(UserDelivery(user_id, frame=frame))
-
-    async def disconnect_user(self, user_id: str, code: int = Close.UNAUTHORIZED) -> int:
-        """Close every connection of one user, on every worker; how many there were.
-        Each gets an `error` saying why first (a browser sees no close reason)."""
-        frame = (
-            encode(Error(ErrorCode.UNAUTHORIZED, _DISCONNECTED))
-            if code == Close.UNAUTHORIZED
-            else None
-        )
-        return await self.control.ask(UserDelivery(user_id, frame=frame, close=code))
 
     # --- the listener ----------------------------------------------------
 

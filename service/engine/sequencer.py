@@ -25,12 +25,16 @@ from ..protocol.codes import Close
 from ..protocol.envelopes import Since
 from .connection import Connection
 from .frames import Frame
+from .rates import Counts
 from .transport import room_channel
 
 log = logging.getLogger("roomcast.hub")
 
-# Stored frames a room keeps after fanning them out, so a join whose history
-# read raced with new messages picks up what arrived meanwhile.
+# Stored frames a room keeps after fanning them out while a join is in progress,
+# so a join whose history read raced with new messages picks up what arrived
+# meanwhile. Only then: every frame fanned out before the read began is in the
+# store by then (a frame is stored before it is published), and frames kept for
+# longer would hold memory the history store has let go (HISTORY_MEMORY_MB).
 RECENT_FRAMES: Final = 128
 # How long a frame that arrived ahead of its predecessor waits for it before
 # the hub reads the missing ones from history (workers publish concurrently).
@@ -67,9 +71,14 @@ class Room:
         # Every live member has been given every stored frame up to `newest`.
         self.newest = 0
         self.epoch: str | None = None
-        self.recent: deque[tuple[int, Frame]] = deque(maxlen=RECENT_FRAMES)
+        self.recent: deque[tuple[int, Frame]] = deque(maxlen=RECENT_FRAMES)  # while pending
         self.held: dict[int, str] = {}  # frames that arrived ahead of a gap
         self.filling = False  # a gap fill is under way
+
+    def join_ended(self) -> None:
+        self.pending -= 1
+        if not self.pending:
+            self.recent.clear()  # no join left that could need them
 
     @property
     def empty(self) -> bool:
@@ -81,10 +90,13 @@ class Room:
 
 
 class Sequencer:
-    def __init__(self, store: HistoryStore, rooms: dict[str, Room], spawn: Spawn) -> None:
+    def __init__(
+        self, store: HistoryStore, rooms: dict[str, Room], spawn: Spawn, deliveries: Counts
+    ) -> None:
         self.store = store
         self.rooms = rooms
         self.spawn = spawn
+        self.deliveries = deliveries
 
     # --- fan-out (synchronous: called by the transport's listener) -------
 
@@ -105,6 +117,7 @@ class Sequencer:
                     conn.push(frame)
                     pushed += 1
             metrics.DELIVERIES.inc(pushed)
+            self.deliveries.add(pushed)
             return
         if view.epoch != room.epoch:
             self.new_epoch(room, view.epoch, offset - 1)
@@ -128,7 +141,8 @@ class Sequencer:
     def _deliver(self, room: Room, offset: int, text: str) -> None:
         frame = Frame(text)  # framed once, for every member
         room.newest = offset
-        room.recent.append((offset, frame))
+        if room.pending:
+            room.recent.append((offset, frame))
         joining = room.joining
         if joining:
             for conn, cursor in list(joining.items()):
@@ -136,6 +150,7 @@ class Sequencer:
                     del joining[conn]
                     room.live.add(conn)
         metrics.DELIVERIES.inc(len(room.live))
+        self.deliveries.add(len(room.live))
         for conn in room.live:
             conn.push(frame)
 

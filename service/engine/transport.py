@@ -133,10 +133,14 @@ class Transport:
         if channel not in self.subscribed:
             await self.backend.subscribe(channel)
             self.subscribed.add(channel)
+            if channel != CONTROL_CHANNEL:
+                metrics.SUBSCRIPTIONS.inc()
 
     async def _unsubscribe(self, channel: str) -> None:
         if channel in self.subscribed:
             self.subscribed.discard(channel)
+            if channel != CONTROL_CHANNEL:
+                metrics.SUBSCRIPTIONS.dec()
             await self.backend.unsubscribe(channel)
 
     def _serialized(

@@ -1,4 +1,5 @@
-"""How frames reach one client: the only module that knows the ASGI server's internals.
+"""How frames reach one client: the only module that knows the ASGI server's WebSocket
+internals (`cli.handshakes` has what `roomcast serve` adds to its HTTP protocol).
 
 What it relies on, and what happens where that does not hold
 (`tests/engine/test_wire.py` checks each against the installed uvicorn):
@@ -163,6 +164,14 @@ def wire_for(scope: Scope, send: Send, fast: bool) -> Wire:
         bits = _shared_deflate_bits(protocol)
         if bits is not False:
             return FastWire(send, protocol, bits)
+    elif fast:
+        _say_once(
+            "fallback",
+            "connections take ASGI send: %s",
+            "the server's send is wrapped (middleware around roomcast)"
+            if server_send is not send
+            else f"the server is not uvicorn's websockets-sansio ({type(protocol).__name__})",
+        )
     return Wire(send, _abort_of(protocol))
 
 
@@ -185,21 +194,25 @@ def _shared_deflate_bits(protocol: Any) -> int | bool | None:
     return False
 
 
-_warned = False
+_said: set[str] = set()
+
+
+def _say_once(key: str, message: str, *args: object) -> None:
+    if key not in _said:
+        _said.add(key)
+        log.warning(message, *args)
 
 
 def _abort_of(owner: object) -> Callable[[], None] | None:
-    global _warned
     for candidate in (owner, _serving_protocol()):
         abort = getattr(getattr(candidate, "transport", None), "abort", None)
         if callable(abort):
             return cast("Callable[[], None]", abort)
-    if not _warned:
-        _warned = True
-        log.warning(
-            "this ASGI server gives roomcast no way to drop a TCP connection: a client that "
-            "stops reading keeps its socket until TCP gives up"
-        )
+    _say_once(
+        "abort",
+        "this ASGI server gives roomcast no way to drop a TCP connection: a client that "
+        "stops reading keeps its socket until TCP gives up",
+    )
     return None
 
 

@@ -1,8 +1,8 @@
 """Logging for `roomcast serve`: uvicorn's loggers and ours, as text or JSON lines.
 
-No log line carries a token (`?token=` is redacted from every record), an API
-key, or what users wrote: roomcast's own records name rooms, users and
-connections, never message text.
+No log line carries a token or an anonymous client's secret id (`?token=` and
+`?client=` are redacted from every record), an API key, or what users wrote:
+roomcast's own records name rooms, users and connections, never message text.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ from urllib.parse import unquote_plus
 
 FORMATS: Final = ("text", "json")
 
-# A query parameter of a logged path: `?token=…` must never reach a log.
+# A query parameter of a logged path: `?token=…` and `?client=…` (whoever knows an
+# anonymous user's `client` id connects as that user) must never reach a log.
 _QUERY_PARAM = re.compile(r"([?&;])([^=&;\s\"#]+)=([^&;\s\"#]*)")
+_SECRET_PARAMS: Final = frozenset({"token", "client"})
 REDACTED = "[redacted]"
 
 # Attributes every LogRecord has; anything else came in `extra=` and is logged as a field.
@@ -26,12 +28,13 @@ _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime
 
 
 def redact_tokens(text: str) -> str:
-    """`text` with the value of every `token` query parameter replaced by [redacted]."""
+    """`text` with the value of every `token` and `client` query parameter replaced by
+    [redacted]."""
     if "=" not in text:
         return text
 
     def hide(match: re.Match[str]) -> str:
-        if unquote_plus(match.group(2)).lower() != "token":
+        if unquote_plus(match.group(2)).lower() not in _SECRET_PARAMS:
             return match.group(0)
         return f"{match.group(1)}{match.group(2)}={REDACTED}"
 
@@ -39,7 +42,7 @@ def redact_tokens(text: str) -> str:
 
 
 class RedactTokens(logging.Filter):
-    """Redacts `token=…` from a record's message and arguments.
+    """Redacts `token=…` and `client=…` from a record's message and arguments.
 
     uvicorn logs the path with its query string: HTTP requests on
     `uvicorn.access`, WebSocket handshakes on `uvicorn.error`.

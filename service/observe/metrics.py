@@ -83,6 +83,18 @@ ROOMS = _gauge(
     "roomcast_rooms",
     "Rooms with local members (or a join in progress), once per worker that has some.",
 )
+USERS = _gauge("roomcast_users", "Distinct users with local connections, once per worker.")
+SUBSCRIPTIONS = _gauge(
+    "roomcast_subscriptions", "Rooms' broker channels this worker is subscribed to."
+)
+TASKS = _gauge(
+    "roomcast_tasks",
+    "Background tasks of the hub (gap fills, slow-consumer closes, cross-worker requests).",
+)
+HISTORY_BYTES = _gauge(
+    "roomcast_history_memory_bytes",
+    "Bytes the in-process history store (memory://) holds, estimated; at most HISTORY_MEMORY_MB.",
+)
 JOINS = _counter("roomcast_joins", "Joins that made a connection a member of a room.")
 MESSAGES_IN = _counter(
     "roomcast_messages_in",
@@ -107,9 +119,14 @@ FANOUT_SECONDS = _histogram(
 )
 API_REQUESTS = _counter(
     "roomcast_api_requests",
-    "HTTP API requests, by route (publish, notify, disconnect, history, presence, other) "
-    "and status.",
+    "HTTP API requests, by route (publish, notify, disconnect, history, presence, stats, "
+    "rooms, other) and status.",
     ("route", "status"),
+)
+REFUSED = _counter(
+    "roomcast_refused_connections",
+    "Sockets refused or cut before they became a connection, by reason (see REFUSALS).",
+    ("reason",),
 )
 BROKER_RECONNECTS = _counter(
     "roomcast_broker_reconnects", "Reconnections to the broadcast backend after losing it."
@@ -132,7 +149,30 @@ IN_OTHER: Final = MESSAGES_IN.labels("other")
 _ERROR_BY_CODE: dict[str, Counter] = {code: ERRORS.labels(code.value) for code in ErrorCode}
 
 
-API_ROUTES: Final = ("publish", "notify", "disconnect", "history", "presence")
+# Why a socket did not become a connection: the WebSocket checks at connect time
+# (MAX_CONNECTIONS, CONNECT_RATE, ALLOWED_ORIGINS, the token, the room), then what
+# `roomcast serve` cuts before the app sees it (HANDSHAKE_TIMEOUT, the cap on sockets
+# still handshaking).
+REFUSALS: Final = (
+    "max_connections",
+    "connect_rate",
+    "origin",
+    "unauthorized",
+    "forbidden",
+    "invalid_room",
+    "other",
+    "handshake_timeout",
+    "handshake_cap",
+)
+_REFUSED = {reason: REFUSED.labels(reason) for reason in REFUSALS}
+
+
+def refused(reason: str) -> None:
+    """Count one refused socket (`other` for a reason outside REFUSALS)."""
+    _REFUSED.get(reason, _REFUSED["other"]).inc()
+
+
+API_ROUTES: Final = ("publish", "notify", "disconnect", "history", "presence", "stats", "rooms")
 API_STATUSES: Final = (200, 400, 401, 404, 405, 413, 422, 503)
 _API = {
     (route, status): API_REQUESTS.labels(route, status)

@@ -13,6 +13,7 @@ from typing import Any, Final
 
 from .codes import Close
 from .envelopes import CLIENT_ID_PATTERN, PROTOCOL_VERSION, ROOM_PATTERN, SUBPROTOCOL
+from .schema import tags
 
 ASYNCAPI_VERSION: Final = "3.0.0"
 _DEFS: Final = "#/$defs/"
@@ -28,27 +29,18 @@ def close_codes() -> list[dict[str, object]]:
 
 
 def _to_asyncapi_schema(node: Any) -> Any:
-    """JSON Schema as msgspec writes it, as an AsyncAPI Schema Object: refs into
-    components, and `discriminator` as the property name (AsyncAPI's form)."""
+    """A schema of /schema.json as an AsyncAPI Schema Object: refs into components."""
     if isinstance(node, dict):
         out: dict[str, Any] = {}
         for key, value in node.items():
             if key == "$ref" and isinstance(value, str) and value.startswith(_DEFS):
                 out[key] = _SCHEMAS + value[len(_DEFS) :]
-            elif key == "discriminator" and isinstance(value, dict):
-                out[key] = value["propertyName"]
             else:
                 out[key] = _to_asyncapi_schema(value)
         return out
     if isinstance(node, list):
         return [_to_asyncapi_schema(item) for item in node]
     return node
-
-
-def _envelopes(defs: dict[str, Any], union: str) -> dict[str, str]:
-    """tag -> component name of every envelope in the union (`ClientMessage`, `ServerMessage`)."""
-    mapping: dict[str, str] = defs[union]["discriminator"]["mapping"]
-    return {tag: ref[len(_DEFS) :] for tag, ref in mapping.items()}
 
 
 def _message(name: str, tag: str, schema: dict[str, Any], direction: str) -> dict[str, Any]:
@@ -94,8 +86,8 @@ def _query(room_path: bool) -> dict[str, Any]:
 def document(schema: dict[str, Any], version: str = "0.1.0") -> dict[str, Any]:
     """The AsyncAPI 3 document of a /schema.json document (`envelopes.schema()`)."""
     defs: dict[str, Any] = copy.deepcopy(schema["$defs"])
-    client = _envelopes(defs, "ClientMessage")
-    server = _envelopes(defs, "ServerMessage")
+    client = tags(schema, "ClientMessage")
+    server = tags(schema, "ServerMessage")
     messages = {
         **{n: _message(n, tag, defs[n], "client to server") for tag, n in client.items()},
         **{n: _message(n, tag, defs[n], "server to client") for tag, n in server.items()},

@@ -33,7 +33,7 @@ def salvage(frame: str) -> RequestView:
     """The `ref` and `room` of a frame that did not validate, where they can be read."""
     try:
         view = _request_decoder.decode(frame)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return RequestView()
     ref = view.ref if isinstance(view.ref, str) and len(view.ref) <= 64 else None
     return RequestView(ref=ref, room=view.room)
@@ -43,6 +43,9 @@ def ref_of(frame: str) -> str | None:
     """Best-effort `ref` of a frame that did not validate."""
     ref: str | None = salvage(frame).ref
     return ref
+
+
+TOO_DEEP: Final = "The JSON nests too deeply (msgspec stops at Python's recursion limit)"
 
 
 class DuplicateTag(TypeError):

@@ -1,5 +1,6 @@
 """The HTTP API for the application's own backend: publish into rooms, notify
-and disconnect users, read history and presence.
+and disconnect users, read history and presence; and for the admin page, the
+cluster's stats and rooms.
 
 Every route needs `Authorization: Bearer <API_KEY>`. Status precedence: 404
 while `API_KEY` is unset, then 401, then 400 (room name or query), then 422
@@ -28,13 +29,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..engine.hub import Hub
 from ..errors import ProtocolError
 from ..observe import metrics
+from ..protocol.codec import TOO_DEEP
 from ..protocol.envelopes import Level, Ref, User, is_room_name
 from ..settings import Settings
 from .auth import MAX_SUBJECT_CHARS, sanitize_name
+from .hooks import Hooks
 
 log = logging.getLogger("roomcast.api")
 
 DEFAULT_HISTORY_LIMIT: Final = 100
+DEFAULT_ROOMS_LIMIT: Final = 100
+MAX_ROOMS_LIMIT: Final = 1000
 
 
 class NotificationBody(Struct, tag="notification", tag_field="type", forbid_unknown_fields=True):
@@ -174,15 +179,22 @@ def _int_query(request: Request, name: str, default: int, low: int) -> int:
     return value
 
 
+# A refusal by the application's chat hook: its HTTP status by error code (else 422).
+_HOOK_STATUS: Final = {"forbidden": 403, "unauthorized": 403, "internal": 503}
+
+
 class Api:
-    def __init__(self, hub: Hub, settings: Settings) -> None:
+    def __init__(self, hub: Hub, settings: Settings, hooks: Hooks[Any] | None = None) -> None:
         self.hub, self.settings = hub, settings
+        self.hooks: Hooks[Any] = hooks or Hooks(settings.hook_timeout)
 
     def app(self) -> ASGIApp:
         routes = [
             Route("/rooms/{room}/publish", self._wrap(self.publish), methods=["POST"]),
             Route("/rooms/{room}/history", self._wrap(self.history), methods=["GET"]),
             Route("/rooms/{room}/presence", self._wrap(self.presence), methods=["GET"]),
+            Route("/rooms", self._wrap(self.rooms), methods=["GET"]),
+            Route("/stats", self._wrap(self.stats), methods=["GET"]),
             Route("/users/{user_id:path}/notify", self._wrap(self.notify), methods=["POST"]),
             Route(
                 "/users/{user_id:path}/disconnect", self._wrap(self.disconnect), methods=["POST"]
@@ -203,7 +215,7 @@ class Api:
             except ApiError as exc:
                 return _error(exc.status, exc.code, exc.detail)
             except ProtocolError as exc:
-                return _error(422, exc.code, exc.detail)
+                return _error(_HOOK_STATUS.get(exc.code, 422), exc.code, exc.detail)
             except Exception:
                 # The broker or a store failed (their drivers raise their own types).
                 log.exception("API %s %s failed", request.method, request.url.path)
@@ -230,6 +242,8 @@ class Api:
             return decoder.decode(body)
         except msgspec.DecodeError as exc:
             raise ApiError(422, "invalid_body", f"The body does not validate: {exc}.") from None
+        except RecursionError:
+            raise ApiError(422, "invalid_body", f"{TOO_DEEP}.") from None
 
     def _check_text(self, field: str, value: str) -> None:
         if len(value) > self.settings.max_text_chars:
@@ -249,11 +263,14 @@ class Api:
                 raise ApiError(422, "invalid_body", "`text` is blank.")
             name = sanitize_name(message.user.name, self.settings.max_name_chars)
             user = User(message.user.id, name or message.user.id[: self.settings.max_name_chars])
-            appended = await self.hub.chat(user, room, message.text, message.ref)
+            text = message.text
+            if self.hooks.chat:  # the application's moderation, without a socket
+                text = await self.hooks.moderate(None, room, text, self.settings.max_text_chars)
+            appended = await self.hub.publisher.chat(user, room, text, message.ref)
         else:
             self._check_text("title", message.title)
             self._check_text("body", message.body)
-            appended = await self.hub.publish(
+            appended = await self.hub.publisher.publish(
                 room,
                 title=message.title,
                 body=message.body,
@@ -268,14 +285,14 @@ class Api:
         message = self._decode(_notify_decoder, await self._body(request))
         self._check_text("title", message.title)
         self._check_text("body", message.body)
-        delivered = await self.hub.notify_user(
+        delivered = await self.hub.publisher.notify_user(
             user_id, title=message.title, body=message.body, level=message.level, data=message.data
         )
         return _json({"delivered": delivered})
 
     async def disconnect(self, request: Request) -> Response:
         user_id = _user_id(request)
-        return _json({"disconnected": await self.hub.disconnect_user(user_id)})
+        return _json({"disconnected": await self.hub.publisher.disconnect_user(user_id)})
 
     async def history(self, request: Request) -> Response:
         room = _room(request)
@@ -291,6 +308,23 @@ class Api:
         room = _room(request)
         online, users = await self.hub.presence.snapshot(room, self.settings.presence_list_max)
         return _json({"room": room, "online": online, "users": users})
+
+    async def stats(self, request: Request) -> Response:
+        series = _int_query(request, "series", 0, 0)
+        if series > 1:
+            raise ApiError(400, "invalid_query", "Query parameter `series` must be 0 or 1.")
+        return _json(await self.hub.cluster.stats(series=bool(series)))
+
+    async def rooms(self, request: Request) -> Response:
+        prefix = request.query_params.get("prefix", "")
+        if prefix and not is_room_name(prefix):
+            raise ApiError(
+                400,
+                "invalid_query",
+                "Query parameter `prefix` must be empty or 1 to 64 of A-Z a-z 0-9 _ - . :",
+            )
+        limit = min(_int_query(request, "limit", DEFAULT_ROOMS_LIMIT, 1), MAX_ROOMS_LIMIT)
+        return _json({"rooms": await self.hub.cluster.room_list(prefix, limit)})
 
 
 async def _http_exception(request: Request, exc: HTTPException) -> Response:

@@ -8,10 +8,12 @@ patterns where `*` matches any run of characters) limits what it may join.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import secrets
 import time
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -19,6 +21,7 @@ from urllib.parse import urlsplit
 import jwt
 
 from ..protocol.envelopes import TOKEN_SUBPROTOCOL_PREFIX, User, is_client_id
+from ..settings import bare_origin_problem
 
 ALGORITHM: Final = "HS256"
 MAX_SUBJECT_CHARS: Final = 256
@@ -40,16 +43,29 @@ def sanitize_name(raw: str | None, max_chars: int) -> str | None:
     return cleaned[:max_chars].strip() or None
 
 
-def anonymous_user(client: str | None, username: str | None, max_name_chars: int) -> User:
-    """The user of an anonymous connection.
+ANONYMOUS_PREFIX: Final = "anon-"
+ANONYMOUS_ID_HEX: Final = 20
 
-    Its id is the client's stable `client` id when valid (so presence and
-    idempotent chats survive reconnects), else a fresh one; its name is the
-    sanitized `username`, else `guest-XXXX`.
+
+def anonymous_id(client: str | None) -> str:
+    """The public id of an anonymous user: derived from its secret `client` id when that
+    is valid (stable across reconnects and workers, not reversible), else random.
+
+    `client` itself is never shown to others: knowing a user's public id does not let
+    anyone connect as that user.
     """
-    user_id = client if client and is_client_id(client) else "anon-" + secrets.token_hex(8)
+    if client and is_client_id(client):
+        digest = hashlib.sha256(client.encode()).hexdigest()
+    else:
+        digest = secrets.token_hex(ANONYMOUS_ID_HEX // 2)
+    return ANONYMOUS_PREFIX + digest[:ANONYMOUS_ID_HEX]
+
+
+def anonymous_user(client: str | None, username: str | None, max_name_chars: int) -> User:
+    """The user of an anonymous connection: `anonymous_id(client)`, and the sanitized
+    `username`, else `guest-XXXX`."""
     name = sanitize_name(username, max_name_chars) or "guest-" + secrets.token_hex(2)
-    return User(user_id, name)
+    return User(anonymous_id(client), name)
 
 
 # --- tokens --------------------------------------------------------------------
@@ -228,8 +244,9 @@ def origin_allowed(origin: str | None, allowed: Sequence[str]) -> bool:
     """Whether a WebSocket with this `Origin` header may connect.
 
     Anything goes when ALLOWED_ORIGINS is unset or lists `*`; a client without an
-    `Origin` (not a browser) is not refused. Origins compare as scheme, host and
-    port, case-insensitively, with default ports and a trailing slash ignored.
+    `Origin` (not a browser) is not refused. An `Origin` that is not a bare
+    `scheme://host[:port]` (user information, a path) matches nothing. Origins
+    compare as scheme, host and port, case-insensitively, default ports ignored.
     """
     if not allowed or origin is None or "*" in allowed:
         return True
@@ -238,14 +255,28 @@ def origin_allowed(origin: str | None, allowed: Sequence[str]) -> bool:
 
 
 def _normal_origin(origin: str) -> str | None:
+    if bare_origin_problem(origin) is not None:
+        return None  # `null` (a file or a sandboxed frame) too
     try:
         parts = urlsplit(origin.strip().lower())
         port = parts.port
     except ValueError:
         return None
     if not parts.scheme or not parts.hostname:
-        return None  # `null` (a file or a sandboxed frame) matches nothing
+        return None
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     if port is not None and port != _DEFAULT_PORTS.get(parts.scheme):
         host += f":{port}"
     return f"{parts.scheme}://{host}"
+
+
+def timer_at(
+    old: asyncio.TimerHandle | None, at: int | None, callback: Callable[[], None]
+) -> asyncio.TimerHandle | None:
+    """Cancel `old`, and call `callback` at the Unix time `at` (a token's `exp`), if any."""
+    if old is not None:
+        old.cancel()
+    if at is None:
+        return None
+    loop = asyncio.get_running_loop()
+    return loop.call_at(loop.time() + (at - time.time()), callback)

@@ -1,4 +1,5 @@
-"""The checks a WebSocket passes before its `welcome`: capacity, origin, room, identity.
+"""The checks a WebSocket passes before its `welcome`: connection rate, capacity, origin,
+room, identity.
 
 Pure functions of the request's values and the settings, no I/O: a refusal is
 a `Refuse` (the close code, the error code and a sentence), which the endpoint
@@ -7,13 +8,17 @@ turns into one `error` frame and the close.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from starlette.datastructures import Address
+
+from ..engine.limits import ConnectRate
 from ..errors import Refuse
-from ..protocol.codes import Close
+from ..protocol.codes import Close, ErrorCode
 from ..protocol.envelopes import SUBPROTOCOL, Since, User, is_room_name
 from ..settings import Settings
 from .auth import Unauthorized, anonymous_user, origin_allowed, token_from, verify_token
@@ -38,15 +43,43 @@ def subprotocol_of(offered: Sequence[str]) -> str | None:
     return SUBPROTOCOL if SUBPROTOCOL in offered else None
 
 
+class TooFast(Refuse):
+    """CONNECT_RATE refused the connection (4429, as MAX_CONNECTIONS does)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """Where a connection comes from and when: the address uvicorn settled on after
+    FORWARDED_ALLOW_IPS (None for a Unix socket), the monotonic clock, and the
+    per-address buckets of CONNECT_RATE."""
+
+    address: str | None
+    now: float
+    rate: ConnectRate
+
+    @classmethod
+    def of(cls, client: Address | None, rate: ConnectRate) -> Attempt:
+        """The attempt of a socket from `client` (Starlette's `websocket.client`), now."""
+        host = client.host if client is not None else None
+        return cls(host, asyncio.get_running_loop().time(), rate)
+
+
 def admit(
     settings: Settings,
     connections: int,
+    attempt: Attempt,
     headers: Mapping[str, str],
     query: Mapping[str, str],
     offered: Sequence[str],
     room: str | None,
 ) -> Admission:
     """The connection's identity, or `Refuse` saying why it may not connect."""
+    if attempt.address is not None and not attempt.rate.allow(attempt.address, attempt.now):
+        raise TooFast(
+            Close.TOO_MANY,
+            f"Too many connections from your address: at most {settings.connect_rate} per "
+            "second (CONNECT_RATE). Reconnect with backoff.",
+        )
     if connections >= settings.max_connections:
         raise Refuse(
             Close.TOO_MANY,
@@ -97,3 +130,17 @@ def join_query(since_raw: str | None, history_raw: str | None) -> tuple[Since | 
         if history < 0:
             raise ValueError(history_raw)
     return since, history
+
+
+_REASONS = {
+    ErrorCode.TOO_MANY_CONNECTIONS: "max_connections",
+    ErrorCode.ORIGIN_NOT_ALLOWED: "origin",
+    ErrorCode.UNAUTHORIZED: "unauthorized",
+    ErrorCode.FORBIDDEN: "forbidden",
+    ErrorCode.INVALID_ROOM: "invalid_room",
+}
+
+
+def refusal_reason(refusal: Refuse) -> str:
+    """The `reason` label of a refused connection (metrics.REFUSALS)."""
+    return "connect_rate" if isinstance(refusal, TooFast) else _REASONS.get(refusal.error, "other")

@@ -13,10 +13,10 @@ from starlette.templating import Jinja2Templates
 
 from ..engine.hub import Hub
 from ..observe import metrics
-from ..protocol import asyncapi
-from ..protocol.envelopes import PROTOCOL_VERSION, SUBPROTOCOL
+from ..protocol import asyncapi, typescript
 from ..settings import Settings
-from .assets import Assets
+from .admin import admin_route
+from .assets import Assets, page_headers
 
 
 def templates_dir() -> Path:
@@ -34,6 +34,7 @@ def page_routes(
 ) -> list[BaseRoute]:
     templates = Jinja2Templates(directory=templates_dir())
     assets = Assets(templates_dir() / "static")
+    assets.add("roomcast.d.ts", typescript.declarations(schema_document).encode())
     asyncapi_document = asyncapi.document(schema_document)
 
     async def index(request: Request) -> Response:
@@ -41,29 +42,18 @@ def page_routes(
             request,
             "index.html",
             {
-                "heartbeat": settings.heartbeat_seconds,
                 "max_text_chars": settings.max_text_chars,
                 "max_name_chars": settings.max_name_chars,
-                "subprotocol": SUBPROTOCOL,
-                "protocol": PROTOCOL_VERSION,
                 # JWT_SECRET mode: the page asks for a token instead of a display name.
                 "auth": settings.jwt_secret is not None,
+                "asset": assets.url_for,
             },
-            headers={"Cache-Control": "no-store"},
+            headers=page_headers(request),
         )
 
     async def healthz(request: Request) -> Response:
-        stats = hub.stats()
-        return JSONResponse(
-            {
-                "status": "ok",
-                "connections": stats.connections,
-                "rooms": stats.rooms,
-                "subscriptions": stats.subscriptions,
-                "tasks": stats.tasks,
-                "users": stats.users,
-            }
-        )
+        # Public: it says the process serves, nothing about who uses it (see /metrics).
+        return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
         ready = hub.ready
@@ -81,6 +71,12 @@ def page_routes(
     async def static(request: Request) -> Response:
         return assets.response(request, request.path_params["name"])
 
+    async def client_module(request: Request) -> Response:
+        return assets.response(request, "roomcast.js")
+
+    async def client_types(request: Request) -> Response:
+        return assets.response(request, "roomcast.d.ts")
+
     async def prometheus(request: Request) -> Response:
         # In a thread: with several workers, the exposition reads their files.
         body, content_type = await run_in_threadpool(
@@ -90,10 +86,13 @@ def page_routes(
 
     return [
         Route("/", index, methods=["GET"]),
+        admin_route(templates, assets, settings),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/schema.json", schema_json, methods=["GET"]),
         Route("/asyncapi.json", asyncapi_json, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
         Route("/static/{name}", static, methods=["GET"]),
+        Route("/roomcast.js", client_module, methods=["GET"]),
+        Route("/roomcast.d.ts", client_types, methods=["GET"]),
     ]

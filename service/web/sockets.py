@@ -9,24 +9,24 @@ never straight to the socket.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import msgspec
 from starlette.endpoints import WebSocketEndpoint
-from starlette.websockets import WebSocket
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..engine.connection import Connection
 from ..engine.hub import Hub
-from ..engine.limits import Verdict
+from ..engine.limits import ConnectRate, Verdict
 from ..engine.wire import wire_for
 from ..errors import ProtocolError, Refuse
 from ..observe import metrics
-from ..protocol.codec import Codec, encode, ref_of, salvage
+from ..protocol.codec import TOO_DEEP, Codec, encode, ref_of, salvage
 from ..protocol.codes import Close, ErrorCode
 from ..protocol.envelopes import (
     Ack,
@@ -45,8 +45,10 @@ from ..protocol.envelopes import (
     is_room_name,
 )
 from ..settings import Settings
-from .auth import Unauthorized, room_permitted, verify_token
-from .handshake import ROOM_RULE, admit, join_query, subprotocol_of
+from .auth import Unauthorized, room_permitted, timer_at, verify_token
+from .handshake import ROOM_RULE, Attempt, admit, join_query, refusal_reason, subprotocol_of
+from .hooks import Hooks, checked_user
+from .upgrade import UpgradeRequest
 
 log = logging.getLogger("roomcast.sockets")
 
@@ -62,9 +64,11 @@ class SocketContext:
     codec: Codec
     handlers: dict[type[ClientEnvelope], Handler] = field(default_factory=dict)
     fast_writes: bool = False  # prepared frames straight to the server's transport
+    hooks: Hooks[RoomSocket] = field(default_factory=lambda: Hooks(5.0))
+    connect_rate: ConnectRate = field(default_factory=lambda: ConnectRate(0))
 
 
-class RoomSocket(WebSocketEndpoint):
+class RoomSocket(UpgradeRequest, WebSocketEndpoint):
     """`WS /ws`: one connection, any number of rooms joined with `join`."""
 
     encoding = None  # Starlette's encodings close on a bad frame; we answer `error`.
@@ -76,6 +80,7 @@ class RoomSocket(WebSocketEndpoint):
     permitted: tuple[str, ...] | None = None
     token_expires: int | None = None
     _expiry: asyncio.TimerHandle | None = None
+    _identity: User | None = None  # until the connection is admitted
 
     @property
     def hub(self) -> Hub:
@@ -89,13 +94,24 @@ class RoomSocket(WebSocketEndpoint):
 
     @property
     def user(self) -> User:
-        """Who is connected: the token's user, or the anonymous identity."""
-        return self.connection.user
+        """Who is connected: the token's user, the anonymous identity, or whom an
+        on_connect hook set (presence and `welcome` show that one)."""
+        if self.conn is not None:
+            return self.conn.user
+        if self._identity is None:
+            raise RuntimeError("this socket is not connected (it was refused, or not yet)")
+        return self._identity
+
+    @user.setter
+    def user(self, user: User) -> None:
+        if self.conn is not None or self._identity is None:
+            raise RuntimeError("set socket.user in an on_connect hook, before the `welcome`")
+        self._identity = checked_user(user, self.context.settings.max_name_chars)
 
     @property
     def rooms(self) -> frozenset[str]:
         """The rooms this connection has joined."""
-        return frozenset(self.connection.rooms)
+        return frozenset(self.conn.rooms) if self.conn is not None else frozenset()
 
     def reply(self, envelope: Envelope) -> None:
         """Queue an envelope for this connection (for custom handlers)."""
@@ -109,18 +125,26 @@ class RoomSocket(WebSocketEndpoint):
         subprotocol = subprotocol_of(offered)
         self.room = websocket.path_params.get("room")
         query = websocket.query_params
+        attempt = Attempt.of(websocket.client, self.context.connect_rate)
+        hooks = self.context.hooks
         try:
+            count = len(hub.connections) + hooks.admitting  # those in connect hooks count too
             admission = admit(
-                settings, len(hub.connections), websocket.headers, query, offered, self.room
+                settings, count, attempt, websocket.headers, query, offered, self.room
             )
+            self._identity = admission.user
+            if hooks.at_connect(self.room):
+                await hooks.admit(self, self.room)
         except Refuse as refusal:
+            metrics.refused(refusal_reason(refusal))
             # A browser cannot read a refused handshake's status: accept, explain, close.
-            await websocket.accept(subprotocol=subprotocol)
-            await websocket.send_text(encode(Error(code=refusal.error, detail=refusal.detail)))
-            metrics.error_sent(refusal.error)
-            await websocket.close(refusal.code)
+            with contextlib.suppress(WebSocketDisconnect):  # it left (a slow connect hook)
+                await websocket.accept(subprotocol=subprotocol)
+                await websocket.send_text(encode(Error(code=refusal.error, detail=refusal.detail)))
+                metrics.error_sent(refusal.error)
+                await websocket.close(refusal.code)
             return
-        user = admission.user
+        user = self._identity
         self.permitted, self.token_expires = admission.permitted, admission.expires
         conn = Connection(
             secrets.token_hex(8),
@@ -133,7 +157,11 @@ class RoomSocket(WebSocketEndpoint):
         # Counted before the accept awaits, so MAX_CONNECTIONS holds under a burst of connects.
         self.conn = conn
         hub.attach(conn)
-        await websocket.accept(subprotocol=subprotocol)
+        try:
+            await websocket.accept(subprotocol=subprotocol)
+        except BaseException:  # it left first: on_disconnect will not run for this socket
+            await hub.detach(conn)
+            raise
         conn.send(encode(Welcome(conn=conn.id, user=user, heartbeat=settings.heartbeat_seconds)))
         conn.start()
         self._schedule_expiry()
@@ -142,13 +170,7 @@ class RoomSocket(WebSocketEndpoint):
 
     def _schedule_expiry(self) -> None:
         """(Re)arm the timer that closes the connection at its token's `exp`."""
-        if self._expiry is not None:
-            self._expiry.cancel()
-            self._expiry = None
-        if self.token_expires is not None:
-            loop = asyncio.get_running_loop()
-            at = loop.time() + (self.token_expires - time.time())
-            self._expiry = loop.call_at(at, self._expire)
+        self._expiry = timer_at(self._expiry, self.token_expires, self._expire)
 
     def _expire(self) -> None:
         self._expiry = None
@@ -173,7 +195,8 @@ class RoomSocket(WebSocketEndpoint):
                 room=room,
             )
             since = history = None
-        await self._run(RoomSocket.on_join, Join(room=room, since=since, history=history))
+        # The join hooks approved this room before the `welcome`.
+        await self._run(RoomSocket._join_approved, Join(room=room, since=since, history=history))
 
     # --- frames ----------------------------------------------------------
 
@@ -193,6 +216,7 @@ class RoomSocket(WebSocketEndpoint):
             if verdict == Verdict.CLOSE:
                 conn.close_after_queued(Close.TOO_MANY)
             return
+        self.context.hub.activity.messages_in.add()  # as roomcast_messages_in_total counts
         if type(data) is not str:
             metrics.IN_OTHER.inc()
             return self._bad(
@@ -214,6 +238,9 @@ class RoomSocket(WebSocketEndpoint):
             except msgspec.DecodeError as exc:
                 metrics.IN_OTHER.inc()
                 return self._bad(ErrorCode.INVALID_JSON, f"The frame is not valid JSON: {exc}.")
+            except RecursionError:
+                metrics.IN_OTHER.inc()
+                return self._bad(ErrorCode.INVALID_MESSAGE, f"{TOO_DEEP}.")
         if self.room is not None and type(message) is SendChat and message.room is None:
             message.room = self.room
         conn.bad_frames.good()
@@ -228,6 +255,9 @@ class RoomSocket(WebSocketEndpoint):
             await handler(self, message)
         except ProtocolError as exc:
             self._error(exc.code, exc.detail, ref=message.ref, room=getattr(message, "room", None))
+        except Refuse as refusal:  # a hook or handler ends the connection
+            self._error(refusal.error, refusal.detail, ref=message.ref)
+            self.connection.close_after_queued(refusal.code)
         except Exception:
             log.exception("handling %s failed", type(message).__name__)
             self._error(ErrorCode.INTERNAL, "The server failed on this request.", ref=message.ref)
@@ -258,6 +288,13 @@ class RoomSocket(WebSocketEndpoint):
     async def on_join(self, message: Join) -> None:
         if not room_permitted(message.room, self.permitted):
             raise ProtocolError("forbidden", f"Your token does not permit room {message.room!r}.")
+        hooks = self.context.hooks
+        if hooks.join and message.room not in self.connection.rooms:
+            self.hub.check_room_limit(self.connection)
+            await hooks.authorize(self, message.room)
+        await self._join_approved(message)
+
+    async def _join_approved(self, message: Join) -> None:
         await self.hub.join(
             self.connection,
             message.room,
@@ -267,7 +304,13 @@ class RoomSocket(WebSocketEndpoint):
         )
 
     async def on_leave(self, message: Leave) -> None:
-        await self.hub.leave(self.connection, message.room, message.ref)
+        await self._leave(message.room, message.ref)
+
+    async def _leave(self, room: str, ref: str | None) -> None:
+        member = room in self.connection.rooms
+        await self.hub.leave(self.connection, room, ref)
+        if member:
+            await self.context.hooks.notify("leave", self.context.hooks.leave, self, room)
 
     async def on_chat(self, message: SendChat) -> None:
         conn = self.connection
@@ -287,7 +330,10 @@ class RoomSocket(WebSocketEndpoint):
                 "text_too_long",
                 f"`text` has {len(message.text)} characters; at most {max_chars} (MAX_TEXT_CHARS).",
             )
-        appended = await self.hub.chat(conn.user, room, message.text, message.ref)
+        text = message.text
+        if self.context.hooks.chat:
+            text = await self.context.hooks.moderate(self, room, text, max_chars)
+        appended = await self.hub.publisher.chat(conn.user, room, text, message.ref)
         conn.send(encode(Ack(ref=message.ref, room=room, offset=appended.offset)))
 
     async def on_presence(self, message: GetPresence) -> None:
@@ -322,7 +368,7 @@ class RoomSocket(WebSocketEndpoint):
         self._schedule_expiry()
         for room in sorted(conn.rooms):
             if not grant.permits(room):
-                await self.hub.leave(conn, room, message.ref)
+                await self._leave(room, message.ref)
 
     async def on_ping(self, message: Ping) -> None:
         self.reply(Pong(ref=message.ref))
@@ -334,11 +380,12 @@ class RoomSocket(WebSocketEndpoint):
     # --- disconnect ------------------------------------------------------
 
     async def on_disconnect(self, websocket: WebSocket, close_code: int) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
-            self._expiry = None
-        if self.conn is not None:
-            await self.hub.detach(self.conn)
+        self._expiry = timer_at(self._expiry, None, self._expire)
+        conn = self.conn
+        if conn is not None:
+            rooms = sorted(conn.rooms)
+            await self.hub.detach(conn)
+            await self.context.hooks.departed(self, rooms)
 
 
 PROTOCOL_HANDLERS: dict[type[ClientEnvelope], Handler] = {

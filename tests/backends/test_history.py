@@ -57,7 +57,12 @@ class Backend:
 
     async def open(self, size: int = 100, ttl: int = 3600) -> HistoryStore:
         settings = Settings(history_url=self.url, history_size=size, history_ttl=ttl, outbox_size=1)
-        store = open_store(settings.history_url, settings.history_size, settings.history_ttl)
+        store = open_store(
+            settings.history_url,
+            settings.history_size,
+            settings.history_ttl,
+            settings.history_memory_mb,
+        )
         await within(store.connect())
         self.stores.append(store)
         return store
@@ -120,6 +125,16 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
 
 
 # --- the contract --------------------------------------------------------------
+
+
+async def test_ping_answers_while_connected_and_fails_after(backend: Backend) -> None:
+    store = await backend.open()
+    await within(store.ping())  # the admin's probe of the store
+    await within(store.disconnect())
+    backend.stores.remove(store)
+    if backend.name != "memory":  # nothing to lose in process
+        with pytest.raises(ConnectionError):
+            await within(store.ping())
 
 
 async def test_offsets_start_at_one_without_gaps(backend: Backend) -> None:
@@ -378,7 +393,12 @@ async def test_memory_store_trims_by_injected_clock() -> None:
 
 
 def open_settings(settings: Settings) -> HistoryStore:
-    return open_store(settings.history_url, settings.history_size, settings.history_ttl)
+    return open_store(
+        settings.history_url,
+        settings.history_size,
+        settings.history_ttl,
+        settings.history_memory_mb,
+    )
 
 
 def _settings(url: str) -> Settings:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import hashlib
 import logging
 import os
 import subprocess
@@ -50,7 +51,7 @@ from ..support import SUBPROTOCOL, TIMEOUT, Client, Message, client, get, valida
 REPO = Path(__file__).resolve().parent.parent.parent
 SECRET = "test-secret-" + "x" * 60  # 64+ bytes: PyJWT warns about keys shorter than the hash
 OTHER_SECRET = "other-secret-" + "y" * 60
-ALLOWED = "https://chat.example, http://localhost:8080/"
+ALLOWED = "https://chat.example, http://localhost:8080"
 TOKEN_PREFIX = "roomcast.token."
 
 
@@ -277,7 +278,7 @@ def test_is_room_pattern() -> None:
 
 
 def test_origin_allowed() -> None:
-    allowed = ("https://chat.example", "http://localhost:8080/")
+    allowed = ("https://chat.example", "http://localhost:8080")
     assert origin_allowed(None, allowed)  # not a browser
     assert origin_allowed("https://evil.example", ())  # ALLOWED_ORIGINS unset
     assert origin_allowed("https://chat.example", allowed)
@@ -292,6 +293,12 @@ def test_origin_allowed() -> None:
     assert not origin_allowed("null", allowed)
     assert not origin_allowed("", allowed)
     assert not origin_allowed("https://chat.example:notaport", allowed)
+    # Only a bare origin matches: no user information, no path (not even `/`).
+    assert not origin_allowed("https://chat.example/", allowed)
+    assert not origin_allowed("https://chat.example/chat", allowed)
+    assert not origin_allowed("https://evil.example@chat.example", allowed)
+    assert not origin_allowed("https://chat.example@evil.example", allowed)
+    assert not origin_allowed("https://chat.example?x", allowed)
     assert origin_allowed("https://anything.example", ("*",))
 
 
@@ -304,6 +311,8 @@ def test_redact_tokens() -> None:
     assert redact_tokens("/ws?tok%65n=a.b.c") == "/ws?tok%65n=[redacted]"  # Starlette decodes keys
     assert redact_tokens("/ws?mytoken=keep&tokens=keep") == "/ws?mytoken=keep&tokens=keep"
     assert redact_tokens("no query") == "no query"
+    # An anonymous client's `client` id is a secret too: it makes the user.
+    assert redact_tokens("/ws?client=s3cret&username=ann") == "/ws?client=[redacted]&username=ann"
 
 
 def test_redact_filter_on_records() -> None:
@@ -614,7 +623,10 @@ async def test_origin_checked_before_token(jwt_server: Server) -> None:
 
 async def test_anonymous_mode_unchanged_without_secret(server: Server) -> None:
     async with client(server, username="Anon", client="my-client-1", token="not-even-a-jwt") as c:
-        assert c.user == {"id": "my-client-1", "name": "Anon"}
+        assert c.user == {
+            "id": "anon-" + hashlib.sha256(b"my-client-1").hexdigest()[:20],
+            "name": "Anon",
+        }
         await c.join(fresh("b"))
     async with client(server, f"/ws/{fresh('b')}", token=token(rooms=["a*"])) as c:
         await c.recv_type("joined")  # a token is ignored: no secret, no rooms limit

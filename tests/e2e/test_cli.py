@@ -54,6 +54,10 @@ CONFIG_VARS = (
     "PRESENCE_EVENTS_MAX",
     "PRESENCE_LIST_MAX",
     "PRESENCE_TTL",
+    "HANDSHAKE_TIMEOUT",
+    "CONNECT_RATE",
+    "FORWARDED_ALLOW_IPS",
+    "HISTORY_MEMORY_MB",
 )
 
 # Read by `roomcast serve` (beside the settings) and by the client commands.
@@ -148,6 +152,13 @@ def free_port() -> int:
         ({"HANDSHAKE_TIMEOUT": "0"}, "HANDSHAKE_TIMEOUT", "at least 1"),
         ({"HISTORY_MEMORY_MB": "lots"}, "HISTORY_MEMORY_MB", "integer"),
         ({"HOOK_TIMEOUT": "0"}, "HOOK_TIMEOUT", "at least 1"),
+        ({"JWT_SECRET": "change-me"}, "JWT_SECRET", "at least 32"),
+        ({"API_KEY": "short"}, "API_KEY", "at least 16"),
+        ({"ALLOWED_ORIGINS": "allowed.example"}, "ALLOWED_ORIGINS", "scheme://host[:port]"),
+        ({"FORWARDED_ALLOW_IPS": "a.proxy"}, "FORWARDED_ALLOW_IPS", "IP address or network"),
+        ({"JOIN_HOOK_URL": "ftp://x/join", "HOOK_SECRET": "s" * 16}, "JOIN_HOOK_URL", "http://"),
+        ({"CONNECT_HOOK_URL": "http://127.0.0.1/c"}, "HOOK_SECRET", "CONNECT_HOOK_URL is set"),
+        ({"HOOK_SECRET": "short"}, "HOOK_SECRET", "at least 16"),
     ],
     ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else None,
 )

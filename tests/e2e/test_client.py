@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import os
 import re
 import signal
@@ -96,6 +97,11 @@ def test_backoff_refresh_margin_and_token_expiry() -> None:
     assert token_expiry("not-a-jwt") is None
 
 
+def public_id(client_id: str) -> str:
+    """The anonymous user's public id, derived from the secret `client` (PROTOCOL.md)."""
+    return "anon-" + hashlib.sha256(client_id.encode()).hexdigest()[:20]
+
+
 async def test_join_send_ack_presence_leave_are_typed(srv: Server) -> None:
     async with (
         connected(srv.ws, username="ann") as ann,
@@ -104,7 +110,7 @@ async def test_join_send_ack_presence_leave_are_typed(srv: Server) -> None:
         joined = await ann.join("typed")
         assert isinstance(joined, Joined) and joined.offset == 0 and joined.online == 1
         assert ann.welcome is not None and ann.welcome.user.name == "ann"
-        assert ann.welcome.user.id == ann.client_id  # anonymous: the stable client id
+        assert ann.welcome.user.id == public_id(ann.client_id)  # stable, from the secret
         await bob.join("typed")
         event, _ = await next_of(ann, System)
         assert (event.event, event.user.name, event.online) == ("join", "bob", 2)
@@ -220,9 +226,12 @@ async def test_a_restart_under_the_client_loses_and_duplicates_nothing(tmp_path:
             assert sender.resent >= 1  # chats in flight at the 1012 went again, same ref
             # The stable client id survived the reconnect: the same users, in the room.
             reconnected = next(e for e in events if isinstance(e, Reconnected))
-            assert reconnected.welcome.user.id == receiver.client_id
+            assert reconnected.welcome.user.id == public_id(receiver.client_id)
             presence = await sender.presence(room)
-            assert {u.id for u in presence.users} == {sender.client_id, receiver.client_id}
+            assert {u.id for u in presence.users} == {
+                public_id(sender.client_id),
+                public_id(receiver.client_id),
+            }
             # Nothing else arrives late (a duplicate would come right after).
             ack = await sender.send(room, "after")
             assert ack.offset == total + 1

@@ -8,6 +8,7 @@ where PROTOCOL.md leaves the order open (an ack and the sender's own chat).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 import uuid
 from collections.abc import Iterator
@@ -24,10 +25,11 @@ from ..support import (
     Client,
     Message,
     client,
+    counts,
     get,
     room_client,
     room_of,
-    wait_health,
+    wait_counts,
 )
 
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)$")
@@ -84,7 +86,7 @@ def connections_server() -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def quiet_server() -> Iterator[Server]:
-    """Default settings, used only by tests that count its connections in /healthz."""
+    """Default settings, used only by tests that count its connections in /metrics."""
     yield from _serve({})
 
 
@@ -154,10 +156,17 @@ async def test_subprotocol_none_offered_works(server: Server) -> None:
 # --- identity --------------------------------------------------------------------------
 
 
-async def test_identity_valid_client_is_user_id(server: Server) -> None:
+def public_id(client_id: str) -> str:
+    """PROTOCOL.md, Identity: the public id derived from the secret `client`."""
+    return "anon-" + hashlib.sha256(client_id.encode()).hexdigest()[:20]
+
+
+async def test_identity_valid_client_derives_a_stable_user_id(server: Server) -> None:
     for client_id in ("abc-DEF_123", "x", "a" * 64):
         async with client(server, client=client_id, username="Named") as c:
-            assert c.user == {"id": client_id, "name": "Named"}
+            assert c.user == {"id": public_id(client_id), "name": "Named"}
+        async with client(server, client=client_id) as again:  # a reconnect: the same id
+            assert again.user["id"] == public_id(client_id)
 
 
 async def test_identity_invalid_client_gets_fresh_id(server: Server) -> None:
@@ -195,7 +204,7 @@ async def test_room_path_joins_room(server: Server) -> None:
         assert joined["offset"] == 0
         assert joined["recovered"] is False
         assert joined["online"] == 1
-        assert joined["presence"] == [{"id": "path-user", "name": "P"}]
+        assert joined["presence"] == [{"id": public_id("path-user"), "name": "P"}]
         assert isinstance(joined["epoch"], str) and joined["epoch"]
         await c.ping()
 
@@ -257,7 +266,7 @@ async def test_chat_ack_matches_own_chat(server: Server) -> None:
         ack, own = await c.chat("with ref", ref="ref-1")
         assert ack == {"type": "ack", "ref": "ref-1", "room": room, "offset": 1}
         assert own["epoch"] == c.joined["epoch"]
-        assert own["user"] == {"id": "acker", "name": "Acker"}
+        assert own["user"] == {"id": public_id("acker"), "name": "Acker"}
         assert_ts(own["ts"])
         ack, own = await c.chat("without ref")
         assert ack["ref"] is None and ack["offset"] == own["offset"] == 2
@@ -346,9 +355,15 @@ async def test_system_join_announced_to_others_not_joiner(server: Server) -> Non
         room_client(server, room, client="sys-b", username="B") as b,
     ):
         assert b.joined["online"] == 2
-        assert sorted(u["id"] for u in b.joined["presence"]) == ["sys-a", "sys-b"]
+        assert sorted(u["id"] for u in b.joined["presence"]) == sorted(
+            [public_id("sys-a"), public_id("sys-b")]
+        )
         event = await a.recv_type(
-            "system", room=room, event="join", user={"id": "sys-b", "name": "B"}, online=2
+            "system",
+            room=room,
+            event="join",
+            user={"id": public_id("sys-b"), "name": "B"},
+            online=2,
         )
         assert_ts(event["ts"])
         # The joiner's own announcement would precede its chat.
@@ -365,7 +380,9 @@ async def test_system_second_connection_not_announced(server: Server) -> None:
         await observer.recv_type("system", event="join", user=first.user, online=2)
         async with room_client(server, room, client="dup", username="Dup") as second:
             assert second.joined["online"] == 2
-            assert sorted(u["id"] for u in second.joined["presence"]) == ["dup", "obs"]
+            assert sorted(u["id"] for u in second.joined["presence"]) == sorted(
+                [public_id("dup"), public_id("obs")]
+            )
             # An announcement of `second` would precede its chat.
             _, own = await second.chat("second connection")
             await observer.recv_type("chat", offset=own["offset"])
@@ -376,7 +393,7 @@ async def test_system_second_connection_not_announced(server: Server) -> None:
 
 async def test_system_leave_sent_when_last_connection_leaves(quiet_server: Server) -> None:
     server = quiet_server
-    await wait_health(server, connections=0)
+    await wait_counts(server, connections=0)
     room = fresh()
     async with room_client(server, room, client="obs2") as observer:
         async with room_client(server, room, client="dup2") as first:
@@ -390,7 +407,7 @@ async def test_system_leave_sent_when_last_connection_leaves(quiet_server: Serve
                 await third.recv_type("left", room=room, ref="bye")
             # Wait until the server has let both go (it settles presence in the same
             # step as the count): a wrong `system` leave would then precede this chat.
-            await wait_health(server, connections=2)
+            await wait_counts(server, connections=2)
             _, own = await first.chat("still here")
             await observer.recv_type("chat", offset=own["offset"])
         await observer.recv_type("system", room=room, event="leave", user=first.user, online=1)
@@ -421,7 +438,7 @@ async def test_presence_events_max_suppresses_system_events(presence_server: Ser
 
 async def test_presence_list_max_caps_users_not_online(presence_server: Server) -> None:
     room = fresh()
-    ids = {"pl-1", "pl-2", "pl-3"}
+    ids = {public_id("pl-1"), public_id("pl-2"), public_id("pl-3")}
     async with (
         room_client(presence_server, room, client="pl-1"),
         room_client(presence_server, room, client="pl-2"),
@@ -448,9 +465,9 @@ async def test_presence_request_lists_users(server: Server) -> None:
         await a.recv_type("system", event="join", online=2)
         await a.send({"type": "presence", "room": room, "ref": "who"})
         presence = await a.recv_type("presence", room=room, ref="who", online=2)
-        assert sorted(presence["users"], key=lambda u: u["id"]) == [
-            {"id": "pa", "name": "PA"},
-            {"id": "pb", "name": "PB"},
+        assert sorted(presence["users"], key=lambda u: u["name"]) == [
+            {"id": public_id("pa"), "name": "PA"},
+            {"id": public_id("pb"), "name": "PB"},
         ]
 
 
@@ -719,7 +736,7 @@ async def test_rate_limited_error_echoes_ref(rate_server: Server) -> None:
 
 async def test_max_connections_refuses_next_then_accepts(connections_server: Server) -> None:
     srv = connections_server
-    await wait_health(srv, connections=0)
+    await wait_counts(srv, connections=0)
     async with AsyncExitStack() as stack:
         held = [await stack.enter_async_context(client(srv)) for _ in range(3)]
         async with client(srv, welcome=False) as extra:
@@ -728,7 +745,7 @@ async def test_max_connections_refuses_next_then_accepts(connections_server: Ser
             assert frames[0]["type"] == "error" and frames[0]["code"] == "too_many_connections"
             assert frames[0]["detail"]
         await held[0].close()
-        await wait_health(srv, connections=2)
+        await wait_counts(srv, connections=2)
         async with client(srv) as again:
             await again.ping()
         for still in held[1:]:
@@ -737,7 +754,7 @@ async def test_max_connections_refuses_next_then_accepts(connections_server: Ser
 
 async def test_max_connections_holds_under_concurrent_connects(connections_server: Server) -> None:
     srv = connections_server
-    await wait_health(srv, connections=0)
+    await wait_counts(srv, connections=0)
     async with AsyncExitStack() as stack:
 
         async def attempt() -> tuple[Client, Message]:
@@ -751,44 +768,43 @@ async def test_max_connections_holds_under_concurrent_connects(connections_serve
             if first["type"] == "error":
                 assert first["code"] == "too_many_connections"
                 assert await c.expect_close(4429) == []
-        await wait_health(srv, connections=3)
+        await wait_counts(srv, connections=3)
 
 
 # --- HTTP ----------------------------------------------------------------------------------
 
 
-async def test_healthz_reports_counts(quiet_server: Server) -> None:
+async def test_metrics_count_connections_rooms_and_users(quiet_server: Server) -> None:
     srv = quiet_server
-    health = await wait_health(srv, connections=0, rooms=0, subscriptions=0, users=0)
-    for key in ("connections", "rooms", "subscriptions", "users"):
-        assert isinstance(health[key], int), health
+    await wait_counts(srv, connections=0, rooms=0, subscriptions=0, users=0, tasks=0)
     a, b = fresh(), fresh()
     async with client(srv, client="h1") as one, client(srv, client="h2") as two:
         await one.join(a)
         await one.join(b)
         await two.join(a)
         await one.recv_type("system", event="join", room=a, user=two.user)
-        status, health = await get(srv, "/healthz")
-        assert status == 200
-        assert (health["connections"], health["rooms"], health["users"]) == (2, 2, 2), health
-        assert health["subscriptions"] == 2, health
+        found = counts(srv)
+        assert (found["connections"], found["rooms"], found["users"]) == (2, 2, 2), found
+        assert found["subscriptions"] == 2, found
+    status, health = await get(srv, "/healthz")
+    assert (status, health) == (200, {"status": "ok"})  # public: it counts nothing
 
 
-async def test_healthz_zero_after_clients_disconnect(quiet_server: Server) -> None:
+async def test_metrics_counts_zero_after_clients_disconnect(quiet_server: Server) -> None:
     srv = quiet_server
     room = fresh()
-    await wait_health(srv, connections=0)
+    await wait_counts(srv, connections=0)
     async with room_of(srv, room, 3) as members, client(srv) as other, client(srv) as dropped:
         await other.join(fresh())
         await dropped.join(room)
         await dropped.chat("then gone", room=room)
-        _, health = await get(srv, "/healthz")
-        assert (health["connections"], health["rooms"], health["subscriptions"]) == (5, 2, 2)
+        found = counts(srv)
+        assert (found["connections"], found["rooms"], found["subscriptions"]) == (5, 2, 2)
         dropped.ws.transport.abort()  # no close handshake: the TCP connection just ends
         await members[0].drain_until(
             lambda m: m["type"] == "system" and m["event"] == "leave" and m["online"] == 3
         )
-    await wait_health(srv, connections=0, rooms=0, subscriptions=0, users=0)
+    await wait_counts(srv, connections=0, rooms=0, subscriptions=0, users=0, tasks=0)
 
 
 async def test_readyz_ready(server: Server) -> None:

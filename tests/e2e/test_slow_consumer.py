@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import os
+import secrets
 import socket
 from collections.abc import Iterator
 
@@ -13,6 +14,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from ..servers import Server, start_app, start_server
+from ..support import counts
 
 TEXT_CHARS = 60_000
 MESSAGES = 200  # 200 x 60 kB: far more than the kernel and uvicorn buffer for one socket
@@ -28,20 +30,26 @@ SLOW_ENV = {
 }
 
 
-@pytest.fixture(scope="module", params=["serve", "mounted-behind-middleware"])
+@pytest.fixture(
+    scope="module",
+    params=["serve", "serve-shared", "serve-per-connection", "mounted-behind-middleware"],
+)
 def slow_server(request: pytest.FixtureRequest) -> Iterator[Server]:
-    """`roomcast serve`, and roomcast mounted in a host app whose middleware wraps `send`
-    (the TCP drop of a client that never reads must work there too)."""
-    if request.param == "serve":
-        srv = start_server(SLOW_ENV)
-    else:
+    """`roomcast serve` under each WS_COMPRESSION (members alternate between clients that
+    offer deflate and clients that do not), and roomcast mounted in a host app whose
+    middleware wraps `send` (the TCP drop of a client that never reads must work there too)."""
+    if request.param == "mounted-behind-middleware":
         srv = start_app("tests.hostapp:app", "/rt", SLOW_ENV)
+    else:
+        compression = request.param.removeprefix("serve").removeprefix("-") or "off"
+        srv = start_server({**SLOW_ENV, "WS_COMPRESSION": compression})
     yield srv
     srv.terminate()
 
 
-def stalled_socket(server: Server, path: str) -> socket.socket:
-    """A WebSocket handshake over a raw socket that then never reads again."""
+def stalled_socket(server: Server, path: str, deflate: bool = False) -> socket.socket:
+    """A WebSocket handshake over a raw socket that then never reads again (offering
+    permessage-deflate as browsers do, when told)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.settimeout(5)
@@ -50,7 +58,13 @@ def stalled_socket(server: Server, path: str) -> socket.socket:
     sock.sendall(
         (
             f"GET {server.prefix}{path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            + (
+                "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+                if deflate
+                else ""
+            )
+            + "\r\n"
         ).encode()
     )
     response = b""
@@ -91,28 +105,35 @@ class Readers:
         return await asyncio.gather(*self.tasks)
 
 
-async def open_member(server: Server, room: str, **kwargs: object) -> ClientConnection:
-    ws = await connect(f"{server.ws}/ws/{room}", max_size=None, **kwargs)  # type: ignore[arg-type]
+async def open_member(server: Server, room: str, deflate: bool) -> ClientConnection:
+    compression = "deflate" if deflate else None
+    ws = await connect(f"{server.ws}/ws/{room}", max_size=None, compression=compression)
     assert json.loads(await ws.recv())["type"] == "welcome"
     assert json.loads(await ws.recv())["type"] == "joined"
     return ws
 
 
+def incompressible(chars: int) -> str:
+    """Text that deflate barely shrinks: what fills a stalled client's buffers must do so
+    whether or not its frames are compressed."""
+    return secrets.token_urlsafe(chars)[:chars]
+
+
 async def wait_for_connections(server: Server, count: int, timeout: float) -> None:
     async with asyncio.timeout(timeout):
-        while server.get_json("/healthz")["connections"] != count:  # type: ignore[index]
-            await asyncio.sleep(0.05)
+        while counts(server)["connections"] != count:
+            await asyncio.sleep(0.05)  # polling /metrics, bounded by the timeout
 
 
 async def test_stalled_client_is_dropped_and_others_get_everything(slow_server: Server) -> None:
     room = "stall"
-    stalled = stalled_socket(slow_server, f"/ws/{room}")
+    stalled = stalled_socket(slow_server, f"/ws/{room}", deflate=True)
     try:
         async with asyncio.timeout(60):
-            members = [await open_member(slow_server, room) for _ in range(3)]
+            members = [await open_member(slow_server, room, n % 2 == 0) for n in range(3)]
             await wait_for_connections(slow_server, 4, 10)
             readers = Readers(members)
-            await readers.publish(members[0], "x" * TEXT_CHARS)
+            await readers.publish(members[0], incompressible(TEXT_CHARS))
             for offsets in await readers.results():
                 assert offsets == list(range(1, MESSAGES + 1))
             # The stalled one is gone from the server: connection, membership, presence.
@@ -160,11 +181,11 @@ async def test_slow_reader_gets_4408_and_a_gapless_prefix(slow_server: Server) -
     slow = stalled_socket(slow_server, f"/ws/{room}")
     try:
         async with asyncio.timeout(60):
-            fast = await open_member(slow_server, room)
-            publisher = await open_member(slow_server, room)
+            fast = await open_member(slow_server, room, True)
+            publisher = await open_member(slow_server, room, False)
             await wait_for_connections(slow_server, 3, 10)
             readers = Readers([fast, publisher])
-            await readers.publish(publisher, "y" * TEXT_CHARS)
+            await readers.publish(publisher, incompressible(TEXT_CHARS))
             for offsets in await readers.results():
                 assert offsets == list(range(1, MESSAGES + 1))
             # Now it reads again: what was queued, then the close frame with 4408.

@@ -117,6 +117,10 @@ def test_wheel_ships_the_templates_and_only_the_package(wheel: Path) -> None:
         entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
         scripts = archive.read(entry_points).decode()
     assert "roomcast/templates/index.html" in names, names
+    for static in ("roomcast.js", "chat.js", "chat.css"):
+        assert f"roomcast/templates/static/{static}" in names, names
+    for admin in ("admin.html", "static/admin.js", "static/admin.css"):
+        assert f"roomcast/templates/{admin}" in names, names
     assert "roomcast/py.typed" in names, names
     assert "roomcast/__main__.py" in names, names
     assert "roomcast/backends/history/redis_append.lua" in names, names
@@ -162,6 +166,13 @@ def test_installed_wheel_serves_the_chat_page_outside_the_checkout(
         with urllib.request.urlopen(server.http + "/schema.json", timeout=10) as response:
             assert response.status == 200
             assert "$defs" in json.loads(response.read())
+
+        for path, needle in (
+            ("/roomcast.js", "export class Client"),
+            ("/roomcast.d.ts", "Welcome"),
+        ):
+            with urllib.request.urlopen(server.http + path, timeout=10) as response:
+                assert response.status == 200 and needle in response.read().decode(), path
     finally:
         server.terminate()
     assert str(REPO) not in server.log(), server.log()

@@ -21,6 +21,8 @@ from roomcast.engine.wire import Wire
 from roomcast.protocol.envelopes import User
 from roomcast.settings import Settings
 
+from .hubs import started_hub
+
 
 class Client:
     """A connection whose socket is a list of the frames it was sent."""
@@ -73,16 +75,8 @@ class GatedUnsubscribe(MemoryBackend):
 
 @pytest.fixture
 async def hub() -> AsyncIterator[Hub]:
-    settings = Settings()
-    hub = Hub(
-        settings,
-        MemoryStore(settings.history_size, settings.history_ttl),
-        LocalPresence(),
-        MemoryBackend(),
-    )
-    await hub.start()
-    yield hub
-    await hub.stop()
+    async with started_hub(MemoryBackend()) as hub:
+        yield hub
 
 
 async def test_rejoin_during_unsubscribe_waits_and_stays_subscribed(hub: Hub) -> None:
@@ -106,7 +100,7 @@ async def test_rejoin_during_unsubscribe_waits_and_stays_subscribed(hub: Hub) ->
     async with asyncio.timeout(5):
         await join
     assert "r.r" in backend._subscribed
-    await hub.chat(ann.conn.user, "r", "still there?")
+    await hub.publisher.chat(ann.conn.user, "r", "still there?")
     chats = await bob.wait_for("chat")
     assert chats[0]["text"] == "still there?"
 
@@ -119,7 +113,7 @@ async def test_concurrent_chats_get_gapless_offsets_in_send_order(hub: Hub) -> N
 
     async def send_all(c: Client) -> None:
         for n in range(40):
-            await hub.chat(c.conn.user, "r", f"{c.conn.user.id}:{n}")
+            await hub.publisher.chat(c.conn.user, "r", f"{c.conn.user.id}:{n}")
 
     await asyncio.gather(*(send_all(c) for c in clients))
     for c in clients:
@@ -186,7 +180,7 @@ async def test_listener_survives_a_broker_outage_and_delivers_the_gap_from_histo
     try:
         ann = Client(hub, "ann")
         await hub.join(ann.conn, "r")
-        await hub.chat(ann.conn.user, "r", "before")
+        await hub.publisher.chat(ann.conn.user, "r", "before")
         await ann.wait_for("chat", 1)
         broker.down = True
         broker.cut.set()
@@ -194,7 +188,7 @@ async def test_listener_survives_a_broker_outage_and_delivers_the_gap_from_histo
             while hub.ready:
                 await asyncio.sleep(0.01)
         for n in range(3):  # acknowledged and stored, but the broker loses them
-            await hub.chat(ann.conn.user, "r", f"during {n}")
+            await hub.publisher.chat(ann.conn.user, "r", f"during {n}")
         broker.down = False
         chats = await ann.wait_for("chat", 4)
         assert [(c["offset"], c["text"]) for c in chats] == [
@@ -204,7 +198,7 @@ async def test_listener_survives_a_broker_outage_and_delivers_the_gap_from_histo
             (4, "during 2"),
         ]
         assert hub.ready and hub.transport.reconnects == 1 and broker.connects == 2
-        await hub.chat(ann.conn.user, "r", "after")
+        await hub.publisher.chat(ann.conn.user, "r", "after")
         chats = await ann.wait_for("chat", 5)
         assert [c["offset"] for c in chats] == [1, 2, 3, 4, 5]
     finally:
@@ -229,7 +223,7 @@ async def test_frames_published_out_of_order_or_lost_are_delivered_in_order(hub:
     assert [c["offset"] for c in chats] == [1, 2, 3, 4, 5]
     assert [c["text"] for c in chats] == ["m1", "m2", "m3", "m4", "m5"]
     await hub.transport.publish("r.r", frames[3])  # the late copy of 4 is not delivered twice
-    await hub.chat(ann.conn.user, "r", "m6")
+    await hub.publisher.chat(ann.conn.user, "r", "m6")
     chats = await ann.wait_for("chat", 6)
     assert [c["offset"] for c in chats] == [1, 2, 3, 4, 5, 6]
 
@@ -237,10 +231,10 @@ async def test_frames_published_out_of_order_or_lost_are_delivered_in_order(hub:
 async def test_history_lost_under_a_live_room_closes_its_members_with_1012(hub: Hub) -> None:
     ann = Client(hub, "ann")
     await hub.join(ann.conn, "r")
-    await hub.chat(ann.conn.user, "r", "old epoch")
+    await hub.publisher.chat(ann.conn.user, "r", "old epoch")
     await ann.wait_for("chat", 1)
-    hub.store = MemoryStore(10, 60)  # as if the store had been flushed: a new epoch
-    await hub.chat(ann.conn.user, "r", "new epoch")
+    hub.publisher.store = MemoryStore(10, 60)  # as if the store had been flushed: a new epoch
+    await hub.publisher.chat(ann.conn.user, "r", "new epoch")
     async with asyncio.timeout(5), ann.arrived:
         await ann.arrived.wait_for(lambda: ann.closed == 1012)
     assert [c["text"] for c in ann.of("chat")] == ["old epoch"]
@@ -268,12 +262,13 @@ async def test_notify_and_disconnect_a_user_on_another_worker(redis_url: str) ->
         )
         bob_away = Client(hubs[0], "bob")
         # Both workers answer: the count covers the connections on each.
-        assert await hubs[0].notify_user("bob", title="Mention", body="from a worker") == 3
-        assert await hubs[1].notify_user("nobody", title="Mention", body="none") == 0
+        reached = await hubs[0].publisher.notify_user("bob", title="Mention", body="from a worker")
+        assert reached == 3
+        assert await hubs[1].publisher.notify_user("nobody", title="Mention", body="none") == 0
         for conn in (bob_here, bob_there, bob_away):
             (note,) = await conn.wait_for("notification")
             assert (note["title"], note["room"], note["offset"]) == ("Mention", None, None)
-        assert await hubs[0].disconnect_user("bob") == 3
+        assert await hubs[0].publisher.disconnect_user("bob") == 3
         for conn in (bob_here, bob_there, bob_away):
             async with asyncio.timeout(5), conn.arrived:
                 await conn.arrived.wait_for(lambda c=conn: c.closed == 4401)
@@ -303,7 +298,7 @@ async def test_stop_cancels_a_gap_fill_that_waits_on_history() -> None:
     await hub.start()
     ann = Client(hub, "ann")
     await hub.join(ann.conn, "r")
-    await hub.chat(ann.conn.user, "r", "m1")
+    await hub.publisher.chat(ann.conn.user, "r", "m1")
     await ann.wait_for("chat", 1)
 
     # Offset 3 arrives without 2 (lost): the hub waits for it, then reads history, which stalls.

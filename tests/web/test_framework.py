@@ -19,6 +19,7 @@ from starlette.websockets import WebSocketDisconnect
 import roomcast.protocol.codec
 from roomcast import ClientEnvelope, ProtocolError, Roomcast, RoomSocket, ServerEnvelope, Settings
 from roomcast.app import _route_path, _socket_params
+from roomcast.testing import RoomcastTest
 
 SOURCE = Path(__file__).resolve().parent.parent.parent / "service"
 
@@ -41,7 +42,7 @@ def build_app() -> tuple[Starlette, Roomcast]:
         assert socket.conn is not None
         if message.room not in socket.conn.rooms:
             raise ProtocolError("not_joined", f"Join room {message.room!r} first.")
-        await socket.hub.broadcast(
+        await socket.hub.publisher.broadcast(
             message.room, TypingNotice(room=message.room, user=socket.conn.user.name)
         )
 
@@ -178,3 +179,30 @@ def test_decorators_keep_the_decorated_functions_type() -> None:
     declared = typing.get_type_hints(Roomcast.server_envelope)
     assert isinstance(declared["return"], typing.TypeVar)
     assert declared["return"] is declared["envelope"]
+
+
+async def test_a_client_gone_before_the_accept_leaves_nothing_attached() -> None:
+    rc = Roomcast(Settings())
+    async with RoomcastTest(rc):
+        scope = {
+            "type": "websocket",
+            "path": "/ws",
+            "root_path": "",
+            "query_string": b"username=ann",
+            "headers": [],
+            "subprotocols": [],
+            "client": ("127.0.0.1", 50000),
+            "server": ("127.0.0.1", 8000),
+            "scheme": "ws",
+        }
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "websocket.connect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "websocket.accept":
+                raise OSError("the client is gone")
+
+        with pytest.raises(OSError):
+            await rc(scope, receive, send)  # type: ignore[arg-type]
+        assert (rc.hub.stats().connections, rc.hub.stats().users) == (0, 0)

@@ -15,15 +15,10 @@ from starlette.websockets import WebSocketDisconnect
 
 from roomcast import Roomcast, Settings
 
+from ..strategies import MAX_BYTES, deep, json_values
+
 ALLOWED_CLOSES = {1008, 1009, 4408, 4429}
 
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
-    ),
-    max_leaves=10,
-)
 room_names = st.sampled_from(["a", "b", "lobby", "x.y:z-1", "", "bad room", "é", "r" * 65])
 envelopes = st.fixed_dictionaries(
     {"type": st.sampled_from(["join", "leave", "chat", "presence", "refresh", "ping", "nope"])},
@@ -37,12 +32,39 @@ envelopes = st.fixed_dictionaries(
         "token": json_values,
     },
 )
+deep_frames = st.builds(
+    lambda head, nested: head + nested + ("}" if nested.endswith(("]", "}")) else ""),
+    st.sampled_from(
+        [
+            '{"type": "chat", "room": "lobby", "text": "x", "x": ',
+            '{"type": "join", "room": "a", "since": ',
+            '{"ref": "r", "type": "ping", "data": ',
+            '{"type": ',
+        ]
+    ),
+    deep,
+)
+# Very wide: thousands of keys or items, within MAX_MESSAGE_BYTES.
+wide_frames = st.builds(
+    lambda kind, width, base: json.dumps(
+        {**base, **{f"k{i}": i for i in range(width)}}
+        if kind == "keys"
+        else {**base, "room": list(range(width))}
+    ),
+    st.sampled_from(["keys", "items"]),
+    st.integers(min_value=100, max_value=1200),
+    st.sampled_from(
+        [{"type": "chat", "room": "lobby", "text": "w"}, {"type": "ping"}, {"type": "join"}]
+    ),
+)
 frames = st.one_of(
     envelopes.map(json.dumps),
     st.text(max_size=80),
     st.binary(max_size=40),
     json_values.map(json.dumps),
-    st.just("x" * 3000),  # over MAX_MESSAGE_BYTES below
+    deep_frames,
+    wide_frames,
+    st.just("x" * (MAX_BYTES + 100)),  # over MAX_MESSAGE_BYTES
 )
 
 
@@ -50,7 +72,12 @@ frames = st.one_of(
 def app_client() -> Iterator[tuple[Roomcast, TestClient]]:
     rc = Roomcast(
         Settings(
-            rate_limit=100000, max_message_bytes=2048, max_rooms=3, history_size=50, outbox_size=40
+            rate_limit=100000,
+            connect_rate=0,  # hypothesis connects hundreds of times from one address
+            max_message_bytes=MAX_BYTES,
+            max_rooms=3,
+            history_size=50,
+            outbox_size=40,
         )
     )
     with TestClient(rc) as client:

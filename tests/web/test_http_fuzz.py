@@ -19,16 +19,11 @@ from starlette.testclient import TestClient
 
 from roomcast import Roomcast, Settings
 
-KEY = "fuzz-key"
+from ..strategies import MAX_BYTES, deep, json_values
+
+KEY = "fuzz-key-of-16-chars"
 API_STATUSES = {200, 400, 401, 404, 405, 413, 422}
 
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
-    ),
-    max_leaves=12,
-)
 user_bodies = st.fixed_dictionaries({}, optional={"id": st.text(max_size=8), "name": json_values})
 near_valid = st.fixed_dictionaries(
     {"type": st.sampled_from(["notification", "chat", "other"]) | json_values},
@@ -42,7 +37,32 @@ near_valid = st.fixed_dictionaries(
         "user": user_bodies | json_values,
     },
 )
+deep_bodies = st.builds(
+    lambda head, nested: (head + nested + ("}" if nested.endswith(("]", "}")) else "")).encode(),
+    st.sampled_from(
+        [
+            '{"type": "notification", "title": "t", "body": "b", "data": ',
+            '{"type": "chat", "text": "t", "user": {"id": "u", "name": ',
+            '{"title": "t", "body": "b", "data": ',
+            "",
+        ]
+    ),
+    deep,
+)
+wide_bodies = st.builds(
+    lambda width, base: json.dumps({**base, "data": list(range(width))}).encode(),
+    st.integers(min_value=100, max_value=1500),
+    st.sampled_from(
+        [
+            {"type": "notification", "title": "t", "body": "b"},
+            {"title": "t", "body": "b"},
+            {"type": "chat", "text": "t", "user": {"id": "u", "name": "n"}},
+        ]
+    ),
+)
 bodies = st.one_of(
+    deep_bodies,
+    wide_bodies,
     near_valid.map(lambda b: json.dumps(b).encode()),
     json_values.map(lambda b: json.dumps(b).encode()),
     st.binary(max_size=60),
@@ -81,7 +101,9 @@ authorizations = st.sampled_from([f"Bearer {KEY}", f"Bearer {KEY}", None, "Beare
 
 @pytest.fixture(scope="module")
 def app() -> Iterator[TestClient]:
-    rc = Roomcast(Settings(api_key=KEY, max_message_bytes=1024, history_size=20, outbox_size=10))
+    rc = Roomcast(
+        Settings(api_key=KEY, max_message_bytes=MAX_BYTES, history_size=20, outbox_size=10)
+    )
     with TestClient(rc, raise_server_exceptions=True) as client:
         yield client
 

@@ -45,6 +45,10 @@ class HistoryStore(Protocol):
 
     async def disconnect(self) -> None: ...
 
+    async def ping(self) -> None:
+        """A cheap round trip to the store; raises when it does not answer."""
+        ...
+
     async def append(self, room: str, build: Build, dedupe: str | None = None) -> Appended:
         """Store the next envelope of `room`; with a `dedupe` key already stored
         within retention, return the first one instead."""

@@ -7,8 +7,9 @@ from ..urls import POSTGRES, REDIS, missing_driver, safe_url, scheme_of
 from .base import HistoryStore
 
 
-def open_store(url: str, size: int, ttl: float) -> HistoryStore:
-    """The store for `url`, keeping `size` messages per room for `ttl` seconds.
+def open_store(url: str, size: int, ttl: float, memory_mb: int) -> HistoryStore:
+    """The store for `url`, keeping `size` messages per room for `ttl` seconds; the
+    in-process store (`memory://`) holds at most `memory_mb` MiB across rooms.
 
     Nothing connects yet: `connect()` does, in the lifespan.
     """
@@ -16,7 +17,7 @@ def open_store(url: str, size: int, ttl: float) -> HistoryStore:
     if scheme == "memory":
         from .memory import MemoryStore
 
-        return MemoryStore(size, ttl)
+        return MemoryStore(size, ttl, memory_mb * 2**20)
     if scheme == "sqlite":
         from .sqlite import SqliteStore
 

@@ -128,6 +128,9 @@ class PostgresStore:
             pool, self._pool = self._pool, None
             await pool.close()
 
+    async def ping(self) -> None:
+        await self._connected().fetchval("SELECT 1")
+
     def _connected(self) -> Any:
         if self._pool is None:
             raise ConnectionError("the Postgres history store is not connected")

@@ -104,6 +104,11 @@ class RedisStore:
             self._append = self._read = None
             await client.aclose()
 
+    async def ping(self) -> None:
+        if self._redis is None:
+            raise ConnectionError("the Redis history store is not connected")
+        await cast(Awaitable[bool], self._redis.ping())
+
     def _keys(self, room: str) -> list[str]:
         # Room names hold no braces, so `{room}` is both injective and a hash tag.
         base = f"{self.prefix}:{{{room}}}"

@@ -144,6 +144,9 @@ class SqliteStore:
         self._thread = None
         self._db = None
 
+    async def ping(self) -> None:
+        await self._run(lambda db: db.execute("SELECT 1").fetchone())
+
     # --- in the store's thread -------------------------------------------
 
     def _first(self, db: sqlite3.Connection, room: str, top: int) -> int:

@@ -1,0 +1,1 @@
+"""Example applications built on roomcast: `uvicorn examples.<name>.app:app`."""

@@ -1,0 +1,1 @@
+"""A live metrics chart fed through a roomcast room."""
