@@ -24,7 +24,7 @@ from ..support import Client, client, http, room_client
 from .test_cli import roomcast
 from .test_scaleout import shared_env, two_servers
 
-KEY = "k-" + uuid.uuid4().hex
+KEY = "k-roomcast-test-api-key-5f0e3a9c"  # fixed: test ids name it, across test workers
 AUTH = {"Authorization": f"Bearer {KEY}"}
 TIMEOUT = 5.0
 
