@@ -386,6 +386,12 @@ class Client:
         return self.tokens.token
 
     @property
+    def unanswered(self) -> int:
+        """Requests sent and still waiting for their answer (they go again, with the
+        same `ref`, on the next connection)."""
+        return self.requests.unanswered
+
+    @property
     def resent(self) -> int:
         """Requests sent again on a new connection (with their original `ref`)."""
         return self.requests.resent

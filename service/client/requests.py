@@ -39,6 +39,11 @@ class Requests:
         """What is in flight and not yet sent on connection `generation`, in order."""
         return [m for r, m in self._inflight.items() if self._sent_on.get(r) != generation]
 
+    @property
+    def unanswered(self) -> int:
+        """Requests sent on some connection that still wait for their answer."""
+        return sum(1 for ref in self._inflight if ref in self._sent_on)
+
     def pending(self, message: ClientEnvelope) -> bool:
         """Whether `message` still waits for an answer (counting it as re-sent if it was
         sent before)."""

@@ -9,8 +9,9 @@ import hashlib
 import os
 import re
 import signal
+import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -172,8 +173,10 @@ async def test_connection_refused_is_a_typed_error() -> None:
 async def test_a_restart_under_the_client_loses_and_duplicates_nothing(tmp_path: Path) -> None:
     """SIGTERM (1012) and a new server on the same port with a durable history, while one
     client sends and another receives: every chat is acked once, the other client sees
-    every message once, in offset order."""
-    env = {"HISTORY_URL": f"sqlite:///{tmp_path / 'history.db'}", "RATE_LIMIT": "5000"}
+    every message once, in offset order. One batch is certainly in flight at the 1012:
+    the test holds the SQLite write lock, so the old server cannot store (nor ack) it."""
+    db = tmp_path / "history.db"
+    env = {"HISTORY_URL": f"sqlite:///{db}", "RATE_LIMIT": "5000"}
     server = start_server(env)
     room, per_batch = "restart", 5
     try:
@@ -181,38 +184,46 @@ async def test_a_restart_under_the_client_loses_and_duplicates_nothing(tmp_path:
             await sender.join(room)
             await receiver.join(room)
             acks: list[Ack] = []
-            sending_started = asyncio.Event()
-            restarted = asyncio.Event()
             chats: list[Chat] = []
             events: list[Event] = []
 
-            async def send_all() -> None:
-                batch = after = 0
-                while after < 3:  # until three batches after the new server answered
-                    # Several in flight at once: some are unacknowledged when the server goes.
+            async def send_batches(first: int, count: int) -> None:
+                for batch in range(first, first + count):
                     texts = [f"{batch}:{n}" for n in range(per_batch)]
                     acks.extend(await asyncio.gather(*(sender.send(room, t) for t in texts)))
-                    batch += 1
-                    after += restarted.is_set()
-                    if batch == 4:
-                        sending_started.set()
 
-            async def receive_until(total: int) -> None:
-                while len(chats) < total:
+            async def receive(done: Callable[[], bool]) -> None:
+                while not done():
                     event = await receiver.receive()
                     events.append(event)
                     if isinstance(event, Chat):
                         chats.append(event)
 
-            sending = asyncio.create_task(send_all())
+            watching = asyncio.create_task(
+                receive(lambda: any(isinstance(e, Disconnected) for e in events))
+            )
             async with asyncio.timeout(20):
-                await sending_started.wait()
-            server = await asyncio.to_thread(restart, server, env)
-            restarted.set()
+                await send_batches(0, 4)
+            lock = sqlite3.connect(db, isolation_level=None)
+            try:
+                lock.execute("BEGIN IMMEDIATE")  # the server's appends now wait
+                stuck = asyncio.create_task(send_batches(4, 1))
+                async with asyncio.timeout(20):
+                    while sender.unanswered < per_batch:
+                        await asyncio.sleep(0.01)
+                restarting = asyncio.create_task(asyncio.to_thread(restart, server, env))
+                async with asyncio.timeout(20):
+                    await watching  # the 1012 went to every member in one turn
+                assert sender.unanswered == per_batch
+            finally:
+                lock.rollback()  # the old server may now store the batch, never ack it
+                lock.close()
+            server = await restarting
             async with asyncio.timeout(60):
-                await sending
+                await stuck
+                await send_batches(5, 3)
                 total = len(acks)
-                await receive_until(total)
+                await receive(lambda: len(chats) >= total)
 
             assert sorted(a.offset for a in acks) == list(range(1, total + 1))
             assert [c.offset for c in chats] == list(range(1, total + 1))
@@ -223,7 +234,7 @@ async def test_a_restart_under_the_client_loses_and_duplicates_nothing(tmp_path:
             assert lost and lost[0].code == 1012, events
             assert any(isinstance(e, Reconnected) for e in events), events
             assert not any(isinstance(e, RecoveryFailed) for e in events), events
-            assert sender.resent >= 1  # chats in flight at the 1012 went again, same ref
+            assert sender.resent == per_batch  # the batch in flight at the 1012, same refs
             # The stable client id survived the reconnect: the same users, in the room.
             reconnected = next(e for e in events if isinstance(e, Reconnected))
             assert reconnected.welcome.user.id == public_id(receiver.client_id)
