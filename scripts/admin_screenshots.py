@@ -24,7 +24,7 @@ from playwright.sync_api import sync_playwright  # noqa: E402
 from websockets.sync.client import ClientConnection, connect  # noqa: E402
 
 from tests.brokers import start_redis  # noqa: E402
-from tests.e2e.test_admin_page import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
+from tests.conftest import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
 from tests.servers import Server, start_server  # noqa: E402
 
 KEY = "screenshot-key-0123456789"
