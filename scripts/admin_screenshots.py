@@ -22,6 +22,7 @@ sys.path.insert(0, str(REPO))
 
 from playwright.sync_api import sync_playwright  # noqa: E402
 from websockets.sync.client import ClientConnection, connect  # noqa: E402
+from websockets.typing import Subprotocol  # noqa: E402
 
 from tests.brokers import start_redis  # noqa: E402
 from tests.conftest import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
@@ -54,7 +55,9 @@ TRAFFIC_SECONDS = 40
 
 def member(server: Server, name: str, room: str) -> ClientConnection:
     query = urllib.parse.urlencode({"username": name, "client": f"shot-{name}"})
-    ws = connect(f"{server.ws}/ws/{room}?{query}", subprotocols=["roomcast.v1"]).__enter__()
+    ws = connect(
+        f"{server.ws}/ws/{room}?{query}", subprotocols=[Subprotocol("roomcast.v1")]
+    ).__enter__()
 
     def read() -> None:  # keep up, as a real client does
         try:

@@ -282,7 +282,7 @@ def _kafka_metadata(port: int, timeout: float = 2.0) -> bool:
                 return False
             header += chunk
     size, answered = struct.unpack(">ii", header)
-    return size >= 4 and answered == correlation
+    return bool(size >= 4 and answered == correlation)
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any, Final
 
-import asyncpg  # type: ignore[import-untyped]
+import asyncpg
 
 # Seconds a call to PostgreSQL may take before it fails (a server that stops answering).
 CALL_TIMEOUT: Final = 10.0

@@ -97,7 +97,7 @@ async def _lose_redis(backend: Backend) -> None:
 
 
 async def _lose_postgres(backend: Backend) -> None:
-    import asyncpg  # type: ignore[import-untyped]
+    import asyncpg
 
     await backend.close_all()
     conn = await within(asyncpg.connect(backend.url))

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import urlparse
 
-import asyncpg  # type: ignore[import-untyped]
+import asyncpg
 
 from ..urls import safe_url, split_prefix
 from .base import BroadcastBackend, Event

@@ -44,7 +44,7 @@ import logging
 import secrets
 from typing import Any
 
-import asyncpg  # type: ignore[import-untyped]
+import asyncpg
 
 from ...protocol.envelopes import User
 from ..pg import create_pool, text, untext
