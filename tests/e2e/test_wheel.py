@@ -146,9 +146,14 @@ def test_installed_wheel_serves_the_chat_page_outside_the_checkout(
     assert Path(imported).is_relative_to(venv), f"templates from {imported}, not the venv"
     assert not Path(imported).is_relative_to(REPO), imported
     missing = subprocess.run(
-        [str(python), "-c", "import service"], cwd=elsewhere, env=_isolated_env(), check=False
+        [str(python), "-c", "import service"],
+        cwd=elsewhere,
+        env=_isolated_env(),
+        check=False,
+        capture_output=True,
+        text=True,
     )
-    assert missing.returncode != 0, "the wheel installed a top-level `service`"
+    assert "ModuleNotFoundError: No module named 'service'" in missing.stderr, missing.stderr
 
     server = start_server(python=str(python), cwd=str(elsewhere), env={"PYTHONPATH": ""})
     try:
