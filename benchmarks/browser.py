@@ -132,7 +132,8 @@ def run(quick: bool = False) -> Results:
 
 def _row(case: Case, reports: list[dict[str, Any]]) -> Row:
     def med(phase: int, key: str) -> float:
-        return round(statistics.median(r["phases"][phase][key] for r in reports), 2)
+        values: list[float] = [r["phases"][phase][key] for r in reports]
+        return round(statistics.median(values), 2)
 
     return Row(
         name=case.name,

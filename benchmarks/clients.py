@@ -54,7 +54,7 @@ class Run:
         self.latencies = Counter()
 
 
-class Subscriber(WSListener):  # type: ignore[misc]
+class Subscriber(WSListener):
     def __init__(self, run: Run, number: int, socketio: bool, stalled: bool = False) -> None:
         self.run = run
         self.number = number
@@ -100,7 +100,7 @@ class Subscriber(WSListener):  # type: ignore[misc]
             elif self.socketio:
                 self._engineio(transport, payload)
         elif kind == WSMsgType.CLOSE:
-            self.close_code = frame.get_close_code()
+            self.close_code = frame.get_close_code().value
             transport.disconnect()
 
     def _engineio(self, transport: WSTransport, payload: bytes) -> None:

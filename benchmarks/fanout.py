@@ -84,7 +84,8 @@ class Row:
 
 def _row(name: str, reports: list[dict[str, Any]]) -> Row:
     def med(phase: int, key: str) -> float:
-        return round(statistics.median(r["phases"][phase][key] for r in reports), 2)
+        values: list[float] = [r["phases"][phase][key] for r in reports]
+        return round(statistics.median(values), 2)
 
     return Row(
         name=name,

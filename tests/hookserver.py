@@ -20,6 +20,7 @@ import hmac
 import json
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,7 +77,8 @@ class HookServer:
         self.seen.append(Seen(hook, body, headers, client.port if client else 0, verified))
         if not verified or headers.get("roomcast-hook") != hook:
             return JSONResponse({"error": "bad signature"}, 401)
-        return await getattr(self, hook)(body)
+        answer: Callable[[dict[str, Any]], Awaitable[Response]] = getattr(self, hook)
+        return await answer(body)
 
     async def connect(self, body: dict[str, Any]) -> Response:
         name = body["query"].get("username", "")

@@ -20,6 +20,7 @@ from typing import Any
 from jsonschema import Draft202012Validator
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
+from websockets.typing import Subprotocol
 
 from .servers import Server
 
@@ -291,7 +292,7 @@ async def client(
     async with _within(TIMEOUT + 1, f"connecting to {url}"):
         ws = await connect(
             url,
-            subprotocols=list(subprotocols) if subprotocols else None,  # type: ignore[arg-type]
+            subprotocols=[Subprotocol(s) for s in subprotocols] if subprotocols else None,
             open_timeout=TIMEOUT,
             close_timeout=TIMEOUT,
             ping_interval=None,

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize(
     "command",
     [
-        ["mypy"],  # strict, over the package, examples and scripts (pyproject.toml)
+        ["mypy"],  # strict, over the package, examples, scripts, tests and benchmarks
         ["ruff", "check", "."],
         ["ruff", "format", "--check", "."],
     ],

@@ -9,16 +9,16 @@ Python process that sends one frame per recipient.
 import sys
 
 import uvloop
-from picows import WSListener, WSMsgType, ws_create_server
+from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_create_server
 
-CONNECTIONS = set()
+CONNECTIONS: set[WSTransport] = set()
 
 
 class Member(WSListener):
-    def on_ws_connected(self, transport):
+    def on_ws_connected(self, transport: WSTransport) -> None:
         CONNECTIONS.add(transport)
 
-    def on_ws_frame(self, transport, frame):
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         if frame.msg_type == WSMsgType.TEXT:
             message = frame.get_payload_as_bytes()
             for peer in CONNECTIONS:
@@ -27,7 +27,7 @@ class Member(WSListener):
             transport.send_close(frame.get_close_code(), frame.get_close_message())
             transport.disconnect()
 
-    def on_ws_disconnected(self, transport):
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
         CONNECTIONS.discard(transport)
 
 

@@ -8,12 +8,12 @@ benchmarks.baselines.websockets_broadcast PORT`.
 import sys
 
 import uvloop
-from websockets.asyncio.server import broadcast, serve
+from websockets.asyncio.server import ServerConnection, broadcast, serve
 
-CONNECTIONS = set()
+CONNECTIONS: set[ServerConnection] = set()
 
 
-async def handler(websocket):
+async def handler(websocket: ServerConnection) -> None:
     CONNECTIONS.add(websocket)
     try:
         async for message in websocket:

@@ -22,9 +22,10 @@ import pytest
 from roomcast.backends.history.base import Appended, Build, HistoryStore, Page, recovered
 from roomcast.backends.history.factory import open_store
 from roomcast.backends.history.memory import MemoryStore
+from roomcast.errors import SettingsError
 from roomcast.protocol.codec import encode, server_decoder
 from roomcast.protocol.envelopes import Chat, Notification, User, now
-from roomcast.settings import Settings, SettingsError
+from roomcast.settings import Settings
 
 from ..brokers import fresh_database
 from ..waiting import eventually, within
@@ -43,7 +44,13 @@ def chat(room: str, text: str = "hi", calls: list[tuple[str, int]] | None = None
 
 
 def offsets(page: Page) -> list[int]:
-    return [server_decoder.decode(data).offset for data in page.entries]  # type: ignore[union-attr]
+    found: list[int] = []
+    for data in page.entries:
+        stored = server_decoder.decode(data)
+        # A history holds chats and a room's notifications, which always have an offset.
+        assert isinstance(stored, Chat | Notification) and stored.offset is not None, stored
+        found.append(stored.offset)
+    return found
 
 
 @dataclass
@@ -478,11 +485,15 @@ async def test_a_failing_build_fails_alone(backend: Backend) -> None:
 
 async def test_postgres_prefixes_keep_separate_histories(postgres_url: str) -> None:
     """`?prefix=` names the tables: two deployments in one database share nothing."""
+    from roomcast.backends.history.postgres import PostgresStore
+
+    def open_postgres(url: str) -> PostgresStore:
+        store = open_settings(Settings(history_url=url, outbox_size=1))
+        assert isinstance(store, PostgresStore)  # its `epoch` is the whole store's
+        return store
+
     url = await within(fresh_database(postgres_url), 30)
-    stores = [
-        open_settings(Settings(history_url=f"{url}?prefix={p}", outbox_size=1))
-        for p in ("blue", "green.2", "blue")
-    ]
+    stores = [open_postgres(f"{url}?prefix={p}") for p in ("blue", "green.2", "blue")]
     for store in stores:
         await within(store.connect())
     try:

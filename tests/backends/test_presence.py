@@ -15,9 +15,9 @@ import secrets
 import subprocess
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any
+from typing import Any, Protocol, TypeAlias, cast
 
 import asyncpg
 import pytest
@@ -31,14 +31,18 @@ from roomcast.backends.presence.leased import LeasedPresence
 from roomcast.backends.presence.local import LocalPresence
 from roomcast.backends.presence.postgres import PostgresPresence
 from roomcast.backends.presence.redis import RedisPresence
+from roomcast.errors import SettingsError
 from roomcast.protocol.envelopes import User
-from roomcast.settings import Settings, SettingsError
+from roomcast.settings import Settings
 
 from ..brokers import PostgresServer, RedisServer, start_postgres, start_redis
 from ..waiting import eventually, within
 
 ADA, BOB, CAROL = User("u-ada", "Ada"), User("u-bob", "Bob"), User("u-carol", "Carol")
 SHARED = ["redis", "postgres"]
+# A worker's store: a LeasedPresence (its lease, `_mine`, `_gate` ...) that is also a
+# PresenceStore (start, snapshot, workers), which LeasedPresence itself does not declare.
+Shared: TypeAlias = RedisPresence | PostgresPresence
 
 
 class Workers(ABC):
@@ -60,10 +64,10 @@ class Workers(ABC):
     def __init__(self, url: str) -> None:
         self.prefix = f"t{secrets.token_hex(4)}"
         self.server_url, self.url = url, f"{url}?prefix={self.prefix}"
-        self.started: list[LeasedPresence] = []
+        self.started: list[Shared] = []
 
     @abstractmethod
-    def new(self, ttl: float = 30.0) -> LeasedPresence: ...
+    def new(self, ttl: float = 30.0) -> Shared: ...
     @abstractmethod
     async def traces(self) -> set[str]: ...
     @abstractmethod
@@ -83,7 +87,7 @@ class Workers(ABC):
     @abstractmethod
     async def _cut(self, presence: Any, handle: Any) -> None: ...  # without a word
 
-    async def open(self, ttl: float = 30.0) -> LeasedPresence:
+    async def open(self, ttl: float = 30.0) -> Shared:
         presence = self.new(ttl)
         await within(presence.start())
         self.started.append(presence)
@@ -102,7 +106,7 @@ class Workers(ABC):
     async def of(self, worker: LeasedPresence) -> set[str]:
         return {trace for trace in await self.traces() if worker.worker in trace}
 
-    async def collectors(self) -> list[LeasedPresence]:
+    async def collectors(self) -> list[Shared]:
         """The live workers it takes to delete what a crash left in rooms nobody looks at."""
         return [await self.open(0.3)] if self.lazy else []  # renews, and collects, often
 
@@ -143,7 +147,8 @@ class RedisWorkers(Workers):
         return f"conn:{worker.worker}:{room}"  # the user is a field of that hash
 
     async def roster(self) -> set[str]:
-        return set(await within(self.raw.smembers(self.base + "leases")))
+        leases = cast(Awaitable[set[str]], self.raw.smembers(self.base + "leases"))
+        return set(await within(leases))
 
     async def lose_lease(self, worker: LeasedPresence) -> None:
         await within(self.raw.delete(f"{self.base}lease:{worker.worker}"))
@@ -173,12 +178,21 @@ class RedisWorkers(Workers):
         await within(self.raw.aclose())
 
 
+class PgConnection(Protocol):
+    """What these tests use of an asyncpg connection (asyncpg ships no type hints)."""
+
+    async def fetch(self, query: str, *args: object) -> list[asyncpg.Record]: ...
+    async def close(self) -> None: ...
+    def terminate(self) -> None: ...
+
+
 class PostgresWorkers(Workers):
     lazy, down = True, (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
     def __init__(self, url: str, server: PostgresServer | None = None) -> None:
         super().__init__(url)
-        self.server, self._raw = server, None
+        self.server = server
+        self._raw: PgConnection | None = None
 
     def new(self, ttl: float = 30.0) -> PostgresPresence:
         return PostgresPresence(self.url, ttl)
@@ -186,7 +200,8 @@ class PostgresWorkers(Workers):
     async def sql(self, query: str, *args: object) -> list[asyncpg.Record]:
         """Run `query` on a connection of its own; `{p}` is the table name prefix."""
         if self._raw is None:
-            self._raw = await within(asyncpg.connect(self.server_url))
+            connected: PgConnection = await within(asyncpg.connect(self.server_url))
+            self._raw = connected
         return await within(self._raw.fetch(query.replace("{p}", self.prefix), *args))
 
     async def rows(self) -> set[str]:

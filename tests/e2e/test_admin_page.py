@@ -29,6 +29,7 @@ from playwright.sync_api import (
 )
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
+from websockets.typing import Subprotocol
 
 from ..brokers import start_redis
 from ..servers import Server, start_app, start_server
@@ -151,7 +152,9 @@ class Member:
     def __init__(self, server: Server, room: str, name: str) -> None:
         query = urllib.parse.urlencode({"username": name, "client": uuid.uuid4().hex})
         self.ws: ClientConnection = connect(
-            f"{server.ws}/ws/{room}?{query}", subprotocols=["roomcast.v1"], open_timeout=10
+            f"{server.ws}/ws/{room}?{query}",
+            subprotocols=[Subprotocol("roomcast.v1")],
+            open_timeout=10,
         ).__enter__()  # closed by close()
         self.user = self.next("welcome")["user"]
         self.joined = self.next("joined")

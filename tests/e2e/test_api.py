@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypedDict
 
 import pytest
 
@@ -27,6 +27,12 @@ from .test_scaleout import shared_env, two_servers
 KEY = "k-roomcast-test-api-key-5f0e3a9c"  # fixed: test ids name it, across test workers
 AUTH = {"Authorization": f"Bearer {KEY}"}
 TIMEOUT = 5.0
+
+
+class CliEnv(TypedDict, total=False):
+    """What the CLI's error cases set in its environment."""
+
+    API_KEY: str
 
 
 def fresh(prefix: str = "r") -> str:
@@ -427,7 +433,7 @@ async def test_cli_publish_notify_disconnect(api_server: Server) -> None:
     ],
 )
 def test_cli_errors_are_one_line(
-    api_server: Server, args: list[str], env: dict[str, str], phrase: str, code: int
+    api_server: Server, args: list[str], env: CliEnv, phrase: str, code: int
 ) -> None:
     run = roomcast(*args, "--url", api_server.http, **env)
     assert run.returncode == code, run

@@ -170,7 +170,7 @@ async def test_deeply_nested_json_is_an_invalid_message(api_server: Server, fram
 
 async def test_very_wide_json_is_answered_as_any_frame(api_server: Server) -> None:
     room = fresh("wide")
-    wide = {"type": "chat", "room": room, "text": "wide", "ref": "w"}
+    wide: dict[str, object] = {"type": "chat", "room": room, "text": "wide", "ref": "w"}
     wide.update({f"k{i}": i for i in range(4000)})  # unknown fields are ignored
     async with room_client(api_server, room) as c:
         await c.send(wide)

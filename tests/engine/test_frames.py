@@ -64,6 +64,15 @@ def client_with_deflate() -> Protocol:
     return client
 
 
+def texts_received(client: Protocol) -> list[str]:
+    """The text of each message the (open) client received: only frames arrive once open."""
+    found = []
+    for event in client.events_received():
+        assert isinstance(event, WsFrame), event
+        found.append(bytes(event.data).decode())
+    return found
+
+
 def test_a_client_reads_shared_compressed_frames_in_any_order() -> None:
     """One compressed frame serves every member: each client decodes it whatever came
     before on its own connection (no context carried between messages)."""
@@ -71,8 +80,8 @@ def test_a_client_reads_shared_compressed_frames_in_any_order() -> None:
     one, two = client_with_deflate(), client_with_deflate()
     one.receive_data(first.deflated(15) + second.deflated(15))
     two.receive_data(second.deflated(15) + first.plain + second.deflated(15))
-    got_one = [e.data.decode() for e in one.events_received()]
-    got_two = [e.data.decode() for e in two.events_received()]
+    got_one = texts_received(one)
+    got_two = texts_received(two)
     assert got_one == [first.text, second.text]
     assert got_two == [second.text, first.text, second.text]
     assert len(second.deflated(15)) < len(second.plain) * 0.6

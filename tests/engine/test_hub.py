@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -269,9 +269,13 @@ async def test_notify_and_disconnect_a_user_on_another_worker(redis_url: str) ->
             (note,) = await conn.wait_for("notification")
             assert (note["title"], note["room"], note["offset"]) == ("Mention", None, None)
         assert await hubs[0].publisher.disconnect_user("bob") == 3
+
+        def kicked(c: Client) -> Callable[[], bool]:
+            return lambda: c.closed == 4401
+
         for conn in (bob_here, bob_there, bob_away):
             async with asyncio.timeout(5), conn.arrived:
-                await conn.arrived.wait_for(lambda c=conn: c.closed == 4401)
+                await conn.arrived.wait_for(kicked(conn))
         assert ann.closed is None and not ann.of("notification")
     finally:
         for hub in hubs:

@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import pytest
+from starlette.types import Message
 
 from roomcast.engine.connection import Connection
 from roomcast.engine.wire import Wire
@@ -17,7 +18,7 @@ class FakeSend:
     (as uvicorn's does while the client does not read)."""
 
     def __init__(self) -> None:
-        self.messages: list[dict[str, Any]] = []
+        self.messages: list[Message] = []
         self.resume = asyncio.Event()
         self.resume.set()
         self.waiting = 0
@@ -26,7 +27,7 @@ class FakeSend:
     def pause(self) -> None:
         self.resume.clear()
 
-    async def __call__(self, message: dict[str, Any]) -> None:
+    async def __call__(self, message: Message) -> None:
         if self.fail:
             raise OSError("the client went away")
         if not self.resume.is_set():

@@ -364,5 +364,9 @@ def test_hooks_are_registered_before_serving_and_keep_their_type() -> None:
         assert isinstance(hints["return"], typing.TypeVar), name
         assert hints["return"] is hints["hook"], name
     rc.app  # noqa: B018 - built: the app serves
+
+    async def acl(socket: RoomSocket, room: str) -> None:
+        pass
+
     with pytest.raises(RuntimeError, match="before the app serves"):
-        rc.on_join(test_hooks_are_registered_before_serving_and_keep_their_type)  # type: ignore[arg-type]
+        rc.on_join(acl)

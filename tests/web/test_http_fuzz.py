@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from starlette.datastructures import Secret
 from starlette.testclient import TestClient
 
 from roomcast import Roomcast, Settings
@@ -102,7 +103,7 @@ authorizations = st.sampled_from([f"Bearer {KEY}", f"Bearer {KEY}", None, "Beare
 @pytest.fixture(scope="module")
 def app() -> Iterator[TestClient]:
     rc = Roomcast(
-        Settings(api_key=KEY, max_message_bytes=MAX_BYTES, history_size=20, outbox_size=10)
+        Settings(api_key=Secret(KEY), max_message_bytes=MAX_BYTES, history_size=20, outbox_size=10)
     )
     with TestClient(rc, raise_server_exceptions=True) as client:
         yield client

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import pytest
 from starlette.datastructures import Secret
@@ -37,8 +37,14 @@ def hooks(backend: HookServer) -> HookServer:
     return backend
 
 
-def service(backend: HookServer, secret: str = SECRET, **urls: str) -> Roomcast:
-    chosen = urls or {
+class HookUrls(TypedDict, total=False):
+    connect_hook_url: str
+    join_hook_url: str
+    chat_hook_url: str
+
+
+def service(backend: HookServer, secret: str = SECRET, **urls: Unpack[HookUrls]) -> Roomcast:
+    chosen: HookUrls = urls or {
         "connect_hook_url": backend.url("connect"),
         "join_hook_url": backend.url("join"),
         "chat_hook_url": backend.url("chat"),

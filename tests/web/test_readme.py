@@ -22,7 +22,7 @@ README = Path(__file__).resolve().parent.parent.parent / "README.md"
 
 def python_block(marker: str) -> str:
     """The README's first python block that contains `marker`."""
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    blocks: list[str] = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     return next(b for b in blocks if marker in b)
 
 

@@ -130,7 +130,7 @@ def test_client_envelopes_refuse_extra_fields_where_the_server_does() -> None:
 
 
 def _readme_block(language: str, containing: str) -> str:
-    blocks = re.findall(rf"```{language}\n(.*?)```", README.read_text(), flags=re.S)
+    blocks: list[str] = re.findall(rf"```{language}\n(.*?)```", README.read_text(), flags=re.S)
     return next(b for b in blocks if containing in b)
 
 
