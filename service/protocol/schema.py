@@ -4,10 +4,10 @@ Written for other languages' tools, so it passes strict validators (ajv's
 default strict mode refuses unknown keywords such as OpenAPI's
 `discriminator`): each union is a `oneOf` whose members carry their tag as
 the one-value `enum` of a required `type`, which is how tools
-(json-schema-to-typescript, quicktype, ajv's own `discriminator` option) find
-the tag. What the server always sends is `required`, what may be null is
-nullable, and no type is named after a JavaScript or DOM global (`Error` is
-`ErrorEnvelope` here), so generated code shadows none.
+(json-schema-to-typescript, quicktype) find the tag. What the server always
+sends is `required`, what may be null is nullable, and no type is named
+after a JavaScript or DOM global (`Error` is `ErrorEnvelope` here), so
+generated code shadows none.
 """
 
 from __future__ import annotations
