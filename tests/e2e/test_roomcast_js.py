@@ -299,10 +299,7 @@ def test_network_cut_through_a_proxy_reconnects_and_recovers(
     tab.make("ann", f"ws://127.0.0.1:{proxy.port}", username="ann", backoff=[0.2, 1])
     tab.make("bob", srv.ws, username="bob", client="bob-" + uuid.uuid4().hex[:8])
     for name in ("ann", "bob"):
-        tab.js(
-            "async ([n, r]) => { await clients[n].connect(); await clients[n].join(r); }",
-            [name, room],
-        )
+        tab.js("([n, r]) => enter(n, r)", [name, room])
     tab.js("([r, t]) => clients.bob.send(r, t)", [room, "before the cut"])
     tab.until("() => logs.ann.filter((e) => e.kind === 'chat').length === 1")
 
@@ -367,10 +364,7 @@ def test_slow_consumer_closed_4408_recovers(new_tab: Callable[[Server], Tab]) ->
         tab.make("slow", f"ws://127.0.0.1:{proxy.port}", username="slow", backoff=[0.2, 1])
         tab.make("fast", srv.ws, username="fast", client="fast-" + uuid.uuid4().hex[:8])
         for name in ("slow", "fast"):
-            tab.js(
-                "async ([n, r]) => { await clients[n].connect(); await clients[n].join(r); }",
-                [name, room],
-            )
+            tab.js("([n, r]) => enter(n, r)", [name, room])
         proxy.pause_reading()
         # Random text (60,000 base64 characters each): compression cannot shrink it.
         tab.js(
