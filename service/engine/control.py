@@ -27,10 +27,9 @@ from typing import Final
 import msgspec
 
 from ..backends.presence.base import PresenceStore
-from ..observe import metrics
 from .connection import Connection
 from .frames import Frame
-from .rates import Counts
+from .rates import Deliveries
 from .sequencer import Spawn
 from .transport import CONTROL_CHANNEL, Transport
 
@@ -113,7 +112,7 @@ class Control:
         presence: PresenceStore,
         users: Mapping[str, set[Connection]],
         spawn: Spawn,
-        deliveries: Counts,
+        deliveries: Deliveries,
     ) -> None:
         self.transport = transport
         self.presence = presence
@@ -170,7 +169,6 @@ class Control:
             if pushed or delivery.close is not None:
                 reached += 1
         if delivery.frame is not None and delivery.close is None:
-            metrics.DELIVERIES.inc(reached)
             self.deliveries.add(reached)
         if delivery.ask is not None:
             self.spawn(self._answer(delivery.ask, str(reached)))

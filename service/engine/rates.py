@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable
 from typing import Final
 
+from ..observe import metrics
+
 Clock = Callable[[], float]
 
 RATE_SECONDS: Final = 10  # rates are taken over the last 10 whole seconds
@@ -71,6 +73,17 @@ class Counts(_Ring):
         return sum(self.last(seconds)[1]) / seconds
 
 
+class Deliveries(Counts):
+    """Frames handed to connections per second, each also counted in
+    `roomcast_deliveries_total`: one call, so the two figures cannot part."""
+
+    __slots__ = ()
+
+    def add(self, n: int = 1) -> None:
+        metrics.DELIVERIES.inc(n)
+        Counts.add(self, n)
+
+
 class Level(_Ring):
     """A value at the end of each of the last `span` seconds."""
 
@@ -95,6 +108,6 @@ class Activity:
 
     def __init__(self, clock: Clock = time.time) -> None:
         self.messages_in = Counts(RATE_SECONDS, clock)
-        self.deliveries = Counts(SERIES_SECONDS, clock)
+        self.deliveries = Deliveries(SERIES_SECONDS, clock)
         self.connections = Level(SERIES_SECONDS, clock)
         self.slow_consumers = 0

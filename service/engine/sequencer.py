@@ -25,7 +25,7 @@ from ..protocol.codes import Close
 from ..protocol.envelopes import Since
 from .connection import Connection
 from .frames import Frame
-from .rates import Counts
+from .rates import Deliveries
 from .transport import room_channel
 
 log = logging.getLogger("roomcast.hub")
@@ -91,7 +91,7 @@ class Room:
 
 class Sequencer:
     def __init__(
-        self, store: HistoryStore, rooms: dict[str, Room], spawn: Spawn, deliveries: Counts
+        self, store: HistoryStore, rooms: dict[str, Room], spawn: Spawn, deliveries: Deliveries
     ) -> None:
         self.store = store
         self.rooms = rooms
@@ -116,7 +116,6 @@ class Sequencer:
                 if conn.user.id != skip:
                     conn.push(frame)
                     pushed += 1
-            metrics.DELIVERIES.inc(pushed)
             self.deliveries.add(pushed)
             return
         if view.epoch != room.epoch:
@@ -149,7 +148,6 @@ class Sequencer:
                 if offset > cursor:
                     del joining[conn]
                     room.live.add(conn)
-        metrics.DELIVERIES.inc(len(room.live))
         self.deliveries.add(len(room.live))
         for conn in room.live:
             conn.push(frame)
