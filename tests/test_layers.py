@@ -1,6 +1,6 @@
 """The package's layers: imports flow one way, and no module imports itself in a circle.
 
-protocol <- errors <- observe, client <- backends <- settings <- engine <- web <- app
+protocol <- errors, tasks <- observe, client <- backends <- settings <- engine <- web <- app
 <- cli, testing <- the package's face. The engine sees the backends' contracts
 (`base.py`) only: the app wires in the concrete backends. Read from the source
 with `ast`, so nothing is imported to check it.
@@ -21,6 +21,7 @@ RANKS = {
     "protocol": 0,
     "errors": 1,
     "envelopes": 1,
+    "tasks": 1,
     "observe": 2,
     "client": 2,
     "backends": 3,

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 
 from ..backends.broker.base import Broker, max_payload
 from ..observe import metrics
+from ..tasks import stop_if_cancelled
 
 log = logging.getLogger("roomcast.transport")
 
@@ -80,6 +81,7 @@ class Transport:
 
     async def _listen(self) -> None:
         while True:
+            stop_if_cancelled()
             try:
                 event = await self.backend.next_published()
             except asyncio.CancelledError:
@@ -97,6 +99,7 @@ class Transport:
     async def _reconnect(self) -> None:
         delay = RECONNECT_FIRST_DELAY
         while True:
+            stop_if_cancelled()
             # Backoff between attempts against a broker that is down.
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECONNECT_MAX_DELAY)

@@ -553,6 +553,19 @@ async def test_stop_withdraws_the_worker_and_leaves_nothing(shared: Workers) -> 
     await within(b.stop())  # twice is harmless
 
 
+@pytest.mark.parametrize("turns", [0, 1, 2])
+async def test_stop_ends_a_keep_alive_that_was_just_woken(shared: Workers, turns: int) -> None:
+    """A wake-up (trouble) and stop() in the same few loop turns: the cancellation of the
+    keep-alive must not be lost (asyncio.wait_for on 3.11 lost it: stop() hung)."""
+    worker = await shared.open()
+    await within(worker.add("r1", ADA))
+    worker._trouble()
+    for _ in range(turns):
+        await asyncio.sleep(0)  # let the woken wait finish, up to where it was swallowed
+    await within(worker.stop())
+    assert not await shared.of(worker)
+
+
 async def test_a_lost_lease_and_data_are_restored(shared: Workers) -> None:
     a = await shared.open(1.0)
     await within(a.add("r", ADA))

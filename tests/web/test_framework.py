@@ -130,6 +130,19 @@ def test_the_package_guards_nothing_with_assert() -> None:
     assert not found, found
 
 
+def test_the_package_times_out_with_asyncio_timeout_not_wait_for() -> None:
+    """On Python 3.11 `asyncio.wait_for` can swallow a cancellation that arrives as its
+    awaitable finishes; a background loop then never stops (a Kafka watchdog did, and
+    `disconnect()` hung). `asyncio.timeout` has no such window."""
+    found = [
+        f"{path.relative_to(SOURCE)}:{node.lineno}"
+        for path in sorted(SOURCE.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Attribute) and node.attr == "wait_for"
+    ]
+    assert not found, found
+
+
 @pytest.mark.parametrize(
     ("path", "params"),
     [

@@ -37,6 +37,7 @@ from aiokafka import (
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError, for_code
 
+from ...tasks import stop_if_cancelled
 from ..urls import safe_url
 from .base import BroadcastBackend, Event
 from .turns import Turns
@@ -171,7 +172,8 @@ class KafkaBroker(BroadcastBackend):
         started: list[Any] = []
         try:
             for client in (producer, consumer, admin):
-                await asyncio.wait_for(client.start(), self.timeout)
+                async with asyncio.timeout(self.timeout):
+                    await client.start()
                 started.append(client)
             consumer.assign([])
         except BaseException:
@@ -225,7 +227,8 @@ class KafkaBroker(BroadcastBackend):
             try:
                 # Fix the position at the end of the log now: what is published
                 # after subscribe() returns is delivered.
-                position = await asyncio.wait_for(session.consumer.position(tp), self.timeout)
+                async with asyncio.timeout(self.timeout):
+                    position = await session.consumer.position(tp)
             except BaseException:
                 self._assign(session, session.topics - {topic})
                 raise
@@ -258,17 +261,10 @@ class KafkaBroker(BroadcastBackend):
         async with session.creating:
             if topic in session.created:
                 return
+            new = NewTopic(topic, num_partitions=1, replication_factor=self.replication_factor)
             try:
-                response = await asyncio.wait_for(
-                    session.admin.create_topics(
-                        [
-                            NewTopic(
-                                topic, num_partitions=1, replication_factor=self.replication_factor
-                            )
-                        ]
-                    ),
-                    self.timeout,
-                )
+                async with asyncio.timeout(self.timeout):
+                    response = await session.admin.create_topics([new])
             except TopicAlreadyExistsError:
                 pass
             else:
@@ -288,11 +284,13 @@ class KafkaBroker(BroadcastBackend):
         # that publishes to one topic keep their order and still share batches.
         async with session.turns.turn(topic):
             sent = await session.producer.send(topic, message.encode(), partition=0)
-        await asyncio.wait_for(sent, self.timeout)
+        async with asyncio.timeout(self.timeout):
+            await sent
 
     async def next_published(self) -> Event:
         session = self._connected()
         while not session.received:
+            stop_if_cancelled()
             if session.lost is not None:
                 raise session.lost
             batches = await session.consumer.getmany(timeout_ms=int(POLL_SECONDS * 1000))
@@ -311,9 +309,11 @@ class KafkaBroker(BroadcastBackend):
         # that is gone: fetches are retried forever. Ask the cluster ourselves.
         failures = 0
         while True:
+            stop_if_cancelled()
             await asyncio.sleep(self.health_interval)
             try:
-                await asyncio.wait_for(session.admin.describe_cluster(), self.timeout)
+                async with asyncio.timeout(self.timeout):
+                    await session.admin.describe_cluster()
             except Exception as exc:
                 failures += 1
                 if failures >= self.health_failures:

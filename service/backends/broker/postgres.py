@@ -31,6 +31,7 @@ from urllib.parse import urlparse
 
 import asyncpg
 
+from ...tasks import stop_if_cancelled
 from ..urls import safe_url, split_prefix
 from .base import BroadcastBackend, Event
 from .turns import Turns
@@ -191,7 +192,8 @@ class PostgresBroker(BroadcastBackend):
             log.debug("closing the listening connection: %r", exc)
             session.listener.terminate()
         try:
-            await asyncio.wait_for(session.pool.close(), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                await session.pool.close()
         except Exception as exc:
             log.debug("closing the publishing pool: %r", exc)
             session.pool.terminate()
@@ -204,18 +206,14 @@ class PostgresBroker(BroadcastBackend):
     async def subscribe(self, channel: str) -> None:
         session = self._connected()
         name = pg_channel(channel)
-        async with session.lock:
-            await asyncio.wait_for(
-                session.listener.add_listener(name, session.on_notification), self.timeout
-            )
+        async with session.lock, asyncio.timeout(self.timeout):
+            await session.listener.add_listener(name, session.on_notification)
 
     async def unsubscribe(self, channel: str) -> None:
         session = self._connected()
         name = pg_channel(channel)
-        async with session.lock:
-            await asyncio.wait_for(
-                session.listener.remove_listener(name, session.on_notification), self.timeout
-            )
+        async with session.lock, asyncio.timeout(self.timeout):
+            await session.listener.remove_listener(name, session.on_notification)
 
     async def publish(self, channel: str, message: Any) -> None:
         if not isinstance(message, str):
@@ -246,6 +244,7 @@ class PostgresBroker(BroadcastBackend):
         # A connection whose peer vanished without a FIN or RST (a half-open
         # TCP connection) looks idle forever: ask it something now and then.
         while True:
+            stop_if_cancelled()
             await asyncio.sleep(self.keepalive)
             if session.listener.is_closed():
                 return  # on_termination has reported it

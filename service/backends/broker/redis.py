@@ -19,6 +19,7 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from ...tasks import stop_if_cancelled
 from ..urls import split_prefix
 from .base import BroadcastBackend, Event
 
@@ -70,6 +71,7 @@ class RedisBroker(BroadcastBackend):
     async def next_published(self) -> Event:
         skip = len(self._prefix)
         while True:
+            stop_if_cancelled()
             await self._has_channels.wait()
             _, pubsub = self._live()
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)

@@ -18,6 +18,7 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from ...protocol.envelopes import User
+from ...tasks import stop_if_cancelled
 
 log = logging.getLogger("roomcast.presence")
 
@@ -188,8 +189,10 @@ class LeasedPresence(ABC):
 
     async def _keep_alive(self) -> None:
         while True:
+            stop_if_cancelled()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.ttl / 3)
+                async with asyncio.timeout(self.ttl / 3):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 async with asyncio.timeout(max(self.ttl, 5.0)):

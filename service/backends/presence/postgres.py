@@ -94,7 +94,8 @@ class PostgresPresence(LeasedPresence):
 
     async def _disconnect(self, pool: Any) -> None:
         try:
-            await asyncio.wait_for(pool.close(), 10.0)
+            async with asyncio.timeout(10.0):
+                await pool.close()
         except Exception:
             pool.terminate()
 
