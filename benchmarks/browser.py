@@ -12,14 +12,16 @@ own: a compressor per connection); the same N plain clients (no offer)
 under `shared` are the reference.
 
 Each run has three phases. A burst of chats (~185-byte envelopes, at most
-WINDOW per member in flight) gives throughput; but a burst goes as fast as
-the load generator reads, and inflating costs a browser-like client about
-3 µs a message here: its burst is slower, so the server finds fewer frames
-queued per connection in each turn and makes more system calls per
-delivery. The CPU comparison is therefore also made at the same offered
-load for every case: chats paced at PACED_RATE per second, and ~1 KiB room
-notifications (a deployment summary: a few sentences and structured data)
-published through the HTTP API at NOTE_RATE per second.
+WINDOW per member in flight) gives throughput. A burst goes as fast as the
+load generator reads, and the fewer frames the server finds queued per
+connection in a turn, the more system calls it makes per delivery: so the
+browser-like subscribers inflate each distinct message sent without
+context takeover once for the whole process (`benchmarks/clients.py` says
+why that reads exactly what each browser would), and keep their pace close
+to the plain subscribers'. The CPU comparison is also made at the same
+offered load for every case: chats paced at PACED_RATE per second, and
+~1 KiB room notifications (a deployment summary: a few sentences and
+structured data) published through the HTTP API at NOTE_RATE per second.
 
 Bytes on the wire are counted by the kernel: the TCP payload bytes each
 subscriber's socket received during a phase (`tcpi_bytes_received` of

@@ -4,10 +4,17 @@ A subscriber takes the send time of any text frame holding `@<phase><ns>@`
 and counts it towards the current phase. Browser-like subscribers
 (`deflate=True`) offer permessage-deflate in the handshake exactly as
 Chrome and Firefox do (`permessage-deflate; client_max_window_bits`) and
-inflate every compressed message as a browser does, with one inflater per
-connection (which also reads messages sent without context takeover).
-They send uncompressed (RFC 7692 lets a sender choose per message): the
-publisher's chats are a few bytes. Bytes on the wire are the kernel's count
+inflate every compressed message they receive. Where the server keeps its
+context (uvicorn's own per-connection deflate) each connection has its own
+inflater, as a browser does. Where the server answers
+`server_no_context_takeover` (WS_COMPRESSION=shared), a message is a
+function of its bytes alone, so the process inflates each distinct message
+once, with a fresh inflater (which also proves it stands alone), and every
+subscriber that receives those same bytes reads the same text. A thousand
+browsers inflate on a thousand CPUs; one process inflating a thousand
+copies would set the server's pace instead of measuring it. They send
+uncompressed (RFC 7692 lets a sender choose per message): the publisher's
+chats are a few bytes. Bytes on the wire are the kernel's count
 of TCP payload bytes received on each subscriber's socket
 (`tcpi_bytes_received` of TCP_INFO): frame headers and all, no guessing.
 """
@@ -26,6 +33,7 @@ from typing import Any
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 BUCKET_NS = 10_000  # latencies are counted in buckets of 10 µs
+INFLATED_KEPT = 4096  # distinct messages kept inflated (a burst window is 32)
 # What Chrome and Firefox offer (RFC 7692).
 BROWSER_OFFER = "permessage-deflate; client_max_window_bits"
 _TAIL = b"\x00\x00\xff\xff"
@@ -44,6 +52,8 @@ class Run:
         self.frame_bytes = 0
         self.latencies: Counter[int] = Counter()  # 10 µs buckets
         self.synced: set[int] = set()
+        # Messages sent without context takeover, inflated once for every subscriber.
+        self.inflated: dict[bytes, bytes] = {}
         self.on_progress: Any = None  # the burst publisher's callback
         self.pids: list[int] = []
 
@@ -65,6 +75,7 @@ class Subscriber(WSListener):
         self.frames = 0
         self.close_code: int | None = None
         self.deflate = False  # negotiated permessage-deflate
+        self.standalone = False  # ... with server_no_context_takeover
         self._inflater: Any = None
         if not socketio:
             self.ready.set_result(None)
@@ -73,6 +84,14 @@ class Subscriber(WSListener):
         self.transport = transport
 
     def inflate(self, payload: bytes) -> bytes:
+        if self.standalone:
+            inflated = self.run.inflated
+            text = inflated.get(payload)
+            if text is None:
+                if len(inflated) >= INFLATED_KEPT:
+                    inflated.clear()
+                text = inflated[payload] = zlib.decompressobj(wbits=-15).decompress(payload + _TAIL)
+            return text
         if self._inflater is None:
             self._inflater = zlib.decompressobj(wbits=-15)
         return self._inflater.decompress(payload + _TAIL)  # type: ignore[no-any-return]
@@ -268,6 +287,7 @@ async def connect(
     transport, _ = await ws_connect(lambda: listener, url, **kwargs)
     accepted = transport.response.headers.get("Sec-WebSocket-Extensions") or ""
     listener.deflate = "permessage-deflate" in accepted
+    listener.standalone = listener.deflate and "server_no_context_takeover" in accepted
     await asyncio.wait_for(listener.ready, 30)
     return listener
 

@@ -18,7 +18,7 @@ class Target:
     target: str
     figures: str
     ratio: str
-    met: bool | None  # None: not measured in this run
+    met: bool | None  # None: not measured in this run, or not at the size it names
 
 
 def evaluate(
@@ -105,8 +105,7 @@ def _browser(b: browser.Results | None, at_most: Any, missing: Any) -> None:
             1.25,
         ),
         (
-            f"{prefix}: chat CPU/delivery in a burst ≤ 1.25x plain clients (the load "
-            "generator sets the pace: see the section)",
+            f"{prefix}: chat CPU/delivery in a burst ≤ 1.25x plain clients",
             "burst_cpu_us",
             "µs",
             1.25,
@@ -139,11 +138,15 @@ def _idle(s: scale.Results | None, out: list[Target], missing: Any) -> None:
         return
     idle = s.idle[0]
     figures = f"{idle.idle_kib} KiB per connection"
+    met: bool | None = idle.idle_kib <= IDLE_KIB_BOUND
     if idle.connections < idle.asked:
-        figures += f", measured with {idle.connections:,} connections (see below)"
+        # The count the target names was not reached (the open-file limit, see below):
+        # a figure at fewer connections does not meet it.
+        figures += f" with {idle.connections:,}; {idle.asked:,} not reached (see below)"
+        met = None
     elif idle.asked < 100_000:
         figures += f", measured with {idle.connections:,} connections (quick run)"
-    out.append(Target(12, target, figures, "", idle.idle_kib <= IDLE_KIB_BOUND))
+    out.append(Target(12, target, figures, "", met))
 
 
 def table(targets: list[Target]) -> str:

@@ -13,12 +13,14 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pytest
 
 from benchmarks import procs
 from benchmarks.browser import API_KEY
+from benchmarks.clients import Run, Subscriber
 from benchmarks.harness import measure
 from benchmarks.profiling import find_py_spy, profile
 from benchmarks.profiling import table as profile_table
@@ -53,6 +55,35 @@ def test_browser_like_clients_negotiate_deflate_and_get_shared_compressed_frames
     assert notes["frame_bytes"] > 900
     assert 0 < notes["wire_bytes"] < notes["frame_bytes"]
     assert report["writes"]["fast"] > 0
+
+
+def _deflated(compressor: zlib._Compress, text: bytes) -> bytes:
+    return (compressor.compress(text) + compressor.flush(zlib.Z_SYNC_FLUSH))[:-4]
+
+
+async def test_a_message_without_context_is_inflated_once_and_must_stand_alone() -> None:
+    run = Run(2)
+    first, second = Subscriber(run, 0, False), Subscriber(run, 1, False)
+    first.standalone = second.standalone = True
+    text = b"the same broadcast for every member " * 4
+    alone = _deflated(zlib.compressobj(wbits=-15), text)
+    assert first.inflate(alone) == second.inflate(alone) == text
+    assert run.inflated == {alone: text}
+    # Bytes that lean on an earlier message cannot be read on their own: the shared
+    # inflation would catch a server that kept its context after promising not to.
+    kept = zlib.compressobj(wbits=-15)
+    _deflated(kept, text)
+    with pytest.raises(zlib.error):
+        first.inflate(_deflated(kept, text))
+
+
+async def test_a_message_with_context_is_inflated_by_its_own_connection() -> None:
+    run = Run(1)
+    member = Subscriber(run, 0, False)
+    text = b"a message compressed with the connection's context " * 4
+    kept = zlib.compressobj(wbits=-15)
+    assert [member.inflate(_deflated(kept, text)) for _ in range(3)] == [text] * 3
+    assert run.inflated == {}
 
 
 @pytest.mark.slow
