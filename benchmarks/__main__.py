@@ -15,17 +15,43 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 from . import browser, fanout, history, procs, scale, scaleout, targets
 
-SECTIONS = "fanout,browser,scale,history,scaleout"
+
+@dataclass(frozen=True)
+class Section:
+    title: str
+    module: ModuleType  # its docstring heads the section; table() and as_json() render it
+    run: Callable[[argparse.Namespace], Any]
+
+
+SECTIONS = {
+    "fanout": Section(
+        "Fan-out: roomcast against the baselines", fanout, lambda a: fanout.run(a.quick)
+    ),
+    "browser": Section(
+        "Browser-like clients and WS_COMPRESSION", browser, lambda a: browser.run(a.quick)
+    ),
+    "scale": Section("Many connections on one worker", scale, lambda a: scale.run(a.quick)),
+    "history": Section(
+        "History on the publish path",
+        history,
+        lambda a: history.run(a.quick, a.stores.split(",")),
+    ),
+    "scaleout": Section("Cross-worker delivery", scaleout, lambda a: scaleout.run(a.quick)),
+}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer messages, one round")
-    parser.add_argument("--only", default=SECTIONS)
+    parser.add_argument("--only", default=",".join(SECTIONS))
     parser.add_argument("--stores", default="memory,sqlite,redis,postgres")
     args = parser.parse_args()
     procs.end_on_sigterm()
@@ -34,62 +60,19 @@ def main() -> int:
     here = Path(__file__).parent
     (here / "results").mkdir(exist_ok=True)
     only = args.only.split(",")
-    unknown = set(only) - set(SECTIONS.split(","))
+    unknown = set(only) - set(SECTIONS)
     if unknown:
-        parser.error(f"--only: unknown sections {sorted(unknown)}; they are {SECTIONS}")
+        parser.error(f"--only: unknown sections {sorted(unknown)}; they are {', '.join(SECTIONS)}")
     sections = []
-    f = b = s = None
-
-    def section(name: str, title: str, doc: str | None, body: str, data: object) -> None:
-        sections.append((title, doc or "", body))
-        _write(here / "results" / f"{name}.json", args.quick, started, data)
-
-    if "fanout" in only:
-        f = fanout.run(args.quick)
-        section(
-            "fanout",
-            "Fan-out: roomcast against the baselines",
-            fanout.__doc__,
-            fanout.table(f),
-            fanout.as_json(f),
-        )
-    if "browser" in only:
-        b = browser.run(args.quick)
-        section(
-            "browser",
-            "Browser-like clients and WS_COMPRESSION",
-            browser.__doc__,
-            browser.table(b),
-            browser.as_json(b),
-        )
-    if "scale" in only:
-        s = scale.run(args.quick)
-        section(
-            "scale",
-            "Many connections on one worker",
-            scale.__doc__,
-            scale.table(s),
-            scale.as_json(s),
-        )
-    if "history" in only:
-        h = history.run(args.quick, args.stores.split(","))
-        section(
-            "history",
-            "History on the publish path",
-            history.__doc__,
-            history.table(h),
-            history.as_json(h),
-        )
-    if "scaleout" in only:
-        x = scaleout.run(args.quick)
-        section(
-            "scaleout",
-            "Cross-worker delivery",
-            scaleout.__doc__,
-            scaleout.table(x),
-            scaleout.as_json(x),
-        )
-    goals = targets.evaluate(f, b, s)
+    results: dict[str, Any] = {}
+    for name, section in SECTIONS.items():
+        if name not in only:
+            continue
+        data = results[name] = section.run(args)
+        module = section.module
+        sections.append((section.title, module.__doc__ or "", module.table(data)))
+        _write(here / "results" / f"{name}.json", args.quick, started, module.as_json(data))
+    goals = targets.evaluate(results.get("fanout"), results.get("browser"), results.get("scale"))
     _write(here / "results" / "targets.json", args.quick, started, targets.as_json(goals))
     sections.insert(
         0,
