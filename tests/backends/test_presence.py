@@ -17,7 +17,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, Protocol, TypeAlias, cast
+from typing import Any, Protocol, cast
 
 import asyncpg
 import pytest
@@ -40,9 +40,6 @@ from ..waiting import eventually, within
 
 ADA, BOB, CAROL = User("u-ada", "Ada"), User("u-bob", "Bob"), User("u-carol", "Carol")
 SHARED = ["redis", "postgres"]
-# A worker's store: a LeasedPresence (its lease, `_mine`, `_gate` ...) that is also a
-# PresenceStore (start, snapshot, workers), which LeasedPresence itself does not declare.
-Shared: TypeAlias = RedisPresence | PostgresPresence
 
 
 class Workers(ABC):
@@ -64,10 +61,10 @@ class Workers(ABC):
     def __init__(self, url: str) -> None:
         self.prefix = f"t{secrets.token_hex(4)}"
         self.server_url, self.url = url, f"{url}?prefix={self.prefix}"
-        self.started: list[Shared] = []
+        self.started: list[LeasedPresence] = []
 
     @abstractmethod
-    def new(self, ttl: float = 30.0) -> Shared: ...
+    def new(self, ttl: float = 30.0) -> LeasedPresence: ...
     @abstractmethod
     async def traces(self) -> set[str]: ...
     @abstractmethod
@@ -87,7 +84,7 @@ class Workers(ABC):
     @abstractmethod
     async def _cut(self, presence: Any, handle: Any) -> None: ...  # without a word
 
-    async def open(self, ttl: float = 30.0) -> Shared:
+    async def open(self, ttl: float = 30.0) -> LeasedPresence:
         presence = self.new(ttl)
         await within(presence.start())
         self.started.append(presence)
@@ -106,7 +103,7 @@ class Workers(ABC):
     async def of(self, worker: LeasedPresence) -> set[str]:
         return {trace for trace in await self.traces() if worker.worker in trace}
 
-    async def collectors(self) -> list[Shared]:
+    async def collectors(self) -> list[LeasedPresence]:
         """The live workers it takes to delete what a crash left in rooms nobody looks at."""
         return [await self.open(0.3)] if self.lazy else []  # renews, and collects, often
 

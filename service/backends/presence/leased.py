@@ -78,6 +78,16 @@ class LeasedPresence(ABC):
 
     # --- the contract ----------------------------------------------------
 
+    @abstractmethod
+    async def start(self) -> None:
+        """Connect, take this worker's lease and start the keep-alive."""
+
+    @abstractmethod
+    async def snapshot(self, room: str, limit: int) -> tuple[int, list[User]]: ...
+
+    @abstractmethod
+    async def workers(self) -> int: ...
+
     async def add(self, room: str, user: User) -> bool:
         if not self._started():
             raise ConnectionError("presence is not started (or already stopped)")
