@@ -126,7 +126,6 @@ class Hub:
 
     def attach(self, conn: Connection) -> None:
         self.connections.add(conn)
-        metrics.CONNECTIONS.inc()
         mine = self.users.get(conn.user.id)
         if mine is None:
             mine = self.users[conn.user.id] = set()
@@ -147,8 +146,6 @@ class Hub:
         cancelled clean-up leaves no membership behind.
         """
         conn.stop()
-        if conn in self.connections:
-            metrics.CONNECTIONS.dec()
         self.connections.discard(conn)
         self.activity.connections.set(len(self.connections))
         mine = self.users.get(conn.user.id)

@@ -101,6 +101,18 @@ class Level(_Ring):
         self._slots[slot] = self.value = value
 
 
+class Connections(Level):
+    """Open connections at the end of each second; every change also moves
+    `roomcast_connections`, by the difference, since every hub of a process shares
+    that gauge."""
+
+    __slots__ = ()
+
+    def set(self, value: int) -> None:
+        metrics.CONNECTIONS.inc(value - self.value)
+        Level.set(self, value)
+
+
 class Activity:
     """One worker's figures for the cluster's stats."""
 
@@ -109,5 +121,5 @@ class Activity:
     def __init__(self, clock: Clock = time.time) -> None:
         self.messages_in = Counts(RATE_SECONDS, clock)
         self.deliveries = Deliveries(SERIES_SECONDS, clock)
-        self.connections = Level(SERIES_SECONDS, clock)
+        self.connections = Connections(SERIES_SECONDS, clock)
         self.slow_consumers = 0
