@@ -21,9 +21,9 @@ same uvicorn command line as roomcast. Their frames are padded to the
 length of roomcast's chat envelopes. The machine is shared: servers are
 interleaved round by round and each figure is the median of the rounds;
 compare ratios within one run, not figures across runs. The burst's rounds
-are listed too: the load generator shares the two cores with the server, and
-roomcast's burst settles in one of two states, many frames to a write or
-few, whose CPU per delivery differs by up to 2x; a median can land in either.
+are listed too: the load generator shares the two cores with the server,
+and roomcast's cost per delivery depends on how many frames go out in one
+write, so on the load generator's pace: its rounds can differ by up to 2x.
 """
 
 from __future__ import annotations
