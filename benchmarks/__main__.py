@@ -18,33 +18,71 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 from . import browser, fanout, history, procs, scale, scaleout, targets
+
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
 class Section:
+    """One section of the README and its results/<name>.json."""
+
     title: str
-    module: ModuleType  # its docstring heads the section; table() and as_json() render it
+    doc: str | None  # the module's docstring heads the section
     run: Callable[[argparse.Namespace], Any]
+    table: Callable[[Any], str]
+    as_json: Callable[[Any], object]
+
+
+def section(
+    title: str,
+    doc: str | None,
+    run: Callable[[argparse.Namespace], R],
+    table: Callable[[R], str],
+    as_json: Callable[[R], object],
+) -> Section:
+    """A Section whose `table` and `as_json` take what its `run` returns (mypy checks)."""
+    return Section(title, doc, run, table, as_json)
 
 
 SECTIONS = {
-    "fanout": Section(
-        "Fan-out: roomcast against the baselines", fanout, lambda a: fanout.run(a.quick)
+    "fanout": section(
+        "Fan-out: roomcast against the baselines",
+        fanout.__doc__,
+        lambda a: fanout.run(a.quick),
+        fanout.table,
+        fanout.as_json,
     ),
-    "browser": Section(
-        "Browser-like clients and WS_COMPRESSION", browser, lambda a: browser.run(a.quick)
+    "browser": section(
+        "Browser-like clients and WS_COMPRESSION",
+        browser.__doc__,
+        lambda a: browser.run(a.quick),
+        browser.table,
+        browser.as_json,
     ),
-    "scale": Section("Many connections on one worker", scale, lambda a: scale.run(a.quick)),
-    "history": Section(
+    "scale": section(
+        "Many connections on one worker",
+        scale.__doc__,
+        lambda a: scale.run(a.quick),
+        scale.table,
+        scale.as_json,
+    ),
+    "history": section(
         "History on the publish path",
-        history,
+        history.__doc__,
         lambda a: history.run(a.quick, a.stores.split(",")),
+        history.table,
+        history.as_json,
     ),
-    "scaleout": Section("Cross-worker delivery", scaleout, lambda a: scaleout.run(a.quick)),
+    "scaleout": section(
+        "Cross-worker delivery",
+        scaleout.__doc__,
+        lambda a: scaleout.run(a.quick),
+        scaleout.table,
+        scaleout.as_json,
+    ),
 }
 
 
@@ -65,13 +103,12 @@ def main() -> int:
         parser.error(f"--only: unknown sections {sorted(unknown)}; they are {', '.join(SECTIONS)}")
     sections = []
     results: dict[str, Any] = {}
-    for name, section in SECTIONS.items():
+    for name, part in SECTIONS.items():
         if name not in only:
             continue
-        data = results[name] = section.run(args)
-        module = section.module
-        sections.append((section.title, module.__doc__ or "", module.table(data)))
-        _write(here / "results" / f"{name}.json", args.quick, started, module.as_json(data))
+        data = results[name] = part.run(args)
+        sections.append((part.title, part.doc or "", part.table(data)))
+        _write(here / "results" / f"{name}.json", args.quick, started, part.as_json(data))
     goals = targets.evaluate(results.get("fanout"), results.get("browser"), results.get("scale"))
     _write(here / "results" / "targets.json", args.quick, started, targets.as_json(goals))
     sections.insert(
